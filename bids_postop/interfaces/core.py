@@ -1,0 +1,219 @@
+"""Thin nipype interfaces: each unpacks its inputs and calls one plain function of the core."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+ROLE_TRAITS = ("postop_t1ce", "postop_t1", "postop_flair", "preop_t1ce", "preop_mask")
+
+
+class _RegisterInputSpec(BaseInterfaceInputSpec):
+    fixed = File(exists=True, mandatory=True)
+    moving = File(exists=True, mandatory=True)
+    kind = traits.Enum("rigid", "affine", "syn", mandatory=True)
+    fixed_mask = File(exists=True)
+    threads = traits.Int(1, usedefault=True)
+
+
+class _RegisterOutputSpec(TraitedSpec):
+    transforms = InputMultiObject(File(exists=True))
+
+
+class Register(SimpleInterface):
+    """ANTs registration of ``moving`` onto ``fixed`` (:func:`bids_postop.core.registration.register`)."""
+
+    input_spec = _RegisterInputSpec
+    output_spec = _RegisterOutputSpec
+
+    def _run_interface(self, runtime):
+        from bids_postop.core.registration import register
+
+        result = register(self.inputs.fixed, self.inputs.moving, kind=self.inputs.kind,
+                          out_prefix=Path(runtime.cwd) / "reg_",
+                          fixed_mask=self.inputs.fixed_mask if isdefined(self.inputs.fixed_mask) else None,
+                          threads=self.inputs.threads)
+        self._results["transforms"] = [str(t) for t in result.transforms]
+        return runtime
+
+
+class _ApplyTransformsInputSpec(BaseInterfaceInputSpec):
+    moving = File(exists=True, mandatory=True)
+    reference = File(exists=True, mandatory=True)
+    transforms = InputMultiObject(File(exists=True), mandatory=True)
+    interpolation = traits.Enum("linear", "nearest", usedefault=True)
+
+
+class _OutFileSpec(TraitedSpec):
+    out_file = File(exists=True)
+
+
+class ApplyTransforms(SimpleInterface):
+    """Resample onto the reference grid (exact reference shape and affine)."""
+
+    input_spec = _ApplyTransformsInputSpec
+    output_spec = _OutFileSpec
+
+    def _run_interface(self, runtime):
+        from bids_postop.core.registration import apply_transforms
+
+        out = apply_transforms(self.inputs.moving, self.inputs.reference, self.inputs.transforms,
+                               interpolation=self.inputs.interpolation,
+                               out_file=Path(runtime.cwd) / "registered.nii.gz")
+        self._results["out_file"] = str(out)
+        return runtime
+
+
+class _BrainInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    method = traits.Enum("deepbet", "hdbet", usedefault=True)
+    device = traits.Str("cpu", usedefault=True)
+    threads = traits.Int(1, usedefault=True)
+
+
+class BrainExtraction(SimpleInterface):
+    """Brain mask of the post-op T1w-CE with a pretrained network."""
+
+    input_spec = _BrainInputSpec
+    output_spec = _OutFileSpec
+
+    def _run_interface(self, runtime):
+        from bids_postop.core.brain import extract_brain
+
+        out = extract_brain(self.inputs.in_file, method=self.inputs.method,
+                            out_mask=Path(runtime.cwd) / "brain_mask.nii.gz",
+                            device=_device(self.inputs.device), threads=self.inputs.threads)
+        self._results["out_file"] = str(out)
+        return runtime
+
+
+class _MaskInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    mask = File(exists=True, mandatory=True)
+
+
+class ApplyBrainMask(SimpleInterface):
+    """Skull stripping: zero outside the brain mask."""
+
+    input_spec = _MaskInputSpec
+    output_spec = _OutFileSpec
+
+    def _run_interface(self, runtime):
+        from bids_postop.core.brain import apply_brain_mask
+
+        out = apply_brain_mask(self.inputs.in_file, self.inputs.mask,
+                               out_file=Path(runtime.cwd) / "skullstripped.nii.gz")
+        self._results["out_file"] = str(out)
+        return runtime
+
+
+class _SegmentInputSpec(BaseInterfaceInputSpec):
+    model_folder = traits.Str(mandatory=True, desc="folder holding the model card")
+    device = traits.Str("cpu", usedefault=True)
+    threads = traits.Int(1, usedefault=True)
+    use_mirroring = traits.Bool(True, usedefault=True)
+    postop_t1ce = File(exists=True, mandatory=True)
+    postop_t1 = File(exists=True)
+    postop_flair = File(exists=True)
+    preop_t1ce = File(exists=True)
+    preop_mask = File(exists=True)
+
+
+class Segment(SimpleInterface):
+    """Residual-tumour probability on the post-op T1w-CE grid, channels in the model's order."""
+
+    input_spec = _SegmentInputSpec
+    output_spec = _OutFileSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from bids_postop.core.images import write_like
+        from bids_postop.segmentation.models import read_card
+        from bids_postop.segmentation.nnunet import NnUNetOptions, predict_probability
+
+        _set_threads(self.inputs.threads)
+        card = read_card(Path(self.inputs.model_folder))
+        channels = []
+        for role in card.channels:
+            value = getattr(self.inputs, role)
+            if not isdefined(value):
+                raise ValueError(f"model {card.name} needs the {role} channel, which was not connected")
+            channels.append(value)
+        probability = predict_probability(card, channels, options=NnUNetOptions(
+            device=_device(self.inputs.device), use_mirroring=self.inputs.use_mirroring))
+        out = write_like(probability, nib.load(self.inputs.postop_t1ce), Path(runtime.cwd) / "probseg.nii.gz")
+        self._results["out_file"] = str(out)
+        return runtime
+
+
+class _PostInputSpec(BaseInterfaceInputSpec):
+    probseg = File(exists=True, mandatory=True)
+    threshold = traits.Float(mandatory=True)
+    min_component_voxels = traits.Int(20, usedefault=True)
+    gtr_cutoff_ml = traits.Float(0.175, usedefault=True)
+    gtr_inclusive = traits.Bool(False, usedefault=True)
+    preop_mask = File(exists=True, desc="pre-op tumour mask in its own (pre-op) grid")
+
+
+class _PostOutputSpec(TraitedSpec):
+    residual_mask = File(exists=True)
+    measures = File(exists=True)
+
+
+class PostProcess(SimpleInterface):
+    """Threshold, remove small components, measure volumes, GTR/RT and EOR."""
+
+    input_spec = _PostInputSpec
+    output_spec = _PostOutputSpec
+
+    def _run_interface(self, runtime):
+        import numpy as np
+
+        from bids_postop.core.images import load_3d, voxel_sizes, write_like
+        from bids_postop.core.postprocess import postprocess_probability, volume_ml
+
+        prob_img = load_3d(self.inputs.probseg, what="probability map")
+        preop_ml = None
+        if isdefined(self.inputs.preop_mask):
+            from bids_postop.core.masks import load_binary_mask
+
+            preop = load_binary_mask(self.inputs.preop_mask, what="pre-operative tumour mask")
+            preop_ml = volume_ml(np.asarray(preop.dataobj) > 0, voxel_sizes(preop))
+        mask, measures = postprocess_probability(
+            np.asarray(prob_img.dataobj, dtype=np.float32), voxel_sizes(prob_img),
+            threshold=self.inputs.threshold, min_component_voxels=self.inputs.min_component_voxels,
+            cutoff_ml=self.inputs.gtr_cutoff_ml, gtr_inclusive=self.inputs.gtr_inclusive,
+            preop_volume_ml=preop_ml)
+        self._results["residual_mask"] = str(write_like(mask, prob_img, Path(runtime.cwd) / "residual_mask.nii.gz",
+                                                        dtype="uint8"))
+        out = Path(runtime.cwd) / "measures.json"
+        out.write_text(json.dumps(measures.as_dict(), indent=2))
+        self._results["measures"] = str(out)
+        return runtime
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _set_threads(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(max(1, threads))

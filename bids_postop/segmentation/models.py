@@ -1,0 +1,112 @@
+"""Model cards and model folders: which models exist, which configuration each takes, with which threshold.
+
+A *bids_postop model* is a folder holding ``bids_postop_model.json`` (the model card) and the model's
+files. A *model collection* is a folder whose sub-folders are models (one per configuration, say);
+``--model demo`` is the collection shipped inside the package. A bare nnU-Net v2 trained-model folder
+(``plans.json``, ``dataset.json``, ``fold_*``) is accepted too: its configuration is inferred from the
+number of input channels and its threshold defaults to 0.5, both with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bids_postop.configurations import CONFIGURATIONS, ConfigName, Role
+from bids_postop.errors import ModelError
+
+CARD_NAME = "bids_postop_model.json"
+DEMO_MODELS = Path(__file__).resolve().parents[1] / "data" / "models" / "demo"
+DEFAULT_THRESHOLD = 0.5
+LOG = logging.getLogger("bids_postop")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the pipeline needs to know about one trained model."""
+
+    folder: Path
+    name: str
+    architecture: str  # "nnunet" (others arrive with the backends issue)
+    configuration: ConfigName
+    channels: tuple[Role, ...]
+    threshold: float
+    intended_use: str = ""
+    details: Mapping[str, Any] = field(default_factory=dict)  # architecture-specific section
+    raw: Mapping[str, Any] = field(default_factory=dict)  # the whole card, for provenance
+
+    def provenance(self) -> dict[str, Any]:
+        return {"name": self.name, "architecture": self.architecture, "configuration": self.configuration,
+                "channels": list(self.channels), "threshold": self.threshold,
+                "intended_use": self.intended_use, "folder": str(self.folder)}
+
+
+def read_card(folder: Path) -> ModelCard:
+    """Read and check ``folder/bids_postop_model.json``."""
+    path = folder / CARD_NAME
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read the model card ({exc})") from exc
+    try:
+        config = raw["configuration"]
+        channels = tuple(raw["channels"])
+        architecture = raw["architecture"]
+    except KeyError as exc:
+        raise ModelError(f"{path}: the model card lacks the key {exc}") from exc
+    if config not in CONFIGURATIONS:
+        raise ModelError(f"{path}: configuration {config!r} is not one of {sorted(CONFIGURATIONS)}")
+    if channels != CONFIGURATIONS[config]:
+        raise ModelError(f"{path}: channels {list(channels)} do not match configuration {config} "
+                         f"({list(CONFIGURATIONS[config])})")
+    threshold = raw.get("threshold")
+    if threshold is None:
+        LOG.warning("%s: no threshold in the model card; using %.2f", path, DEFAULT_THRESHOLD)
+        threshold = DEFAULT_THRESHOLD
+    if not 0 < float(threshold) < 1:
+        raise ModelError(f"{path}: threshold {threshold} is not in (0, 1)")
+    return ModelCard(folder=folder, name=str(raw.get("name", folder.name)), architecture=architecture,
+                     configuration=config, channels=channels, threshold=float(threshold),
+                     intended_use=str(raw.get("intended_use", "")), details=raw.get(architecture, {}), raw=raw)
+
+
+def _bare_nnunet_card(folder: Path) -> ModelCard:
+    dataset = json.loads((folder / "dataset.json").read_text())
+    n_channels = len(dataset.get("channel_names", dataset.get("modality", {})))
+    by_count = {len(roles): name for name, roles in CONFIGURATIONS.items()}
+    if n_channels not in by_count:
+        raise ModelError(f"{folder}: nnU-Net model with {n_channels} input channels matches no configuration")
+    config = by_count[n_channels]
+    LOG.warning("%s: no %s; assuming configuration %s (channels %s) and threshold %.2f — write a model card "
+                "to make this explicit", folder, CARD_NAME, config, ", ".join(CONFIGURATIONS[config]),
+                DEFAULT_THRESHOLD)
+    return ModelCard(folder=folder, name=folder.parent.name + "/" + folder.name, architecture="nnunet",
+                     configuration=config, channels=CONFIGURATIONS[config], threshold=DEFAULT_THRESHOLD,
+                     details={"trained_model_folder": "."}, raw={})
+
+
+def resolve_models(spec: str | Path) -> list[ModelCard]:
+    """Models named by ``--model``: ``demo``, a model folder, a collection, or a bare nnU-Net folder."""
+    folder = DEMO_MODELS if str(spec) == "demo" else Path(spec).expanduser().resolve()
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: model folder not found (give a model folder, a collection of models, "
+                         f"or 'demo')")
+    if (folder / CARD_NAME).is_file():
+        return [read_card(folder)]
+    if (folder / "plans.json").is_file() and (folder / "dataset.json").is_file():
+        return [_bare_nnunet_card(folder)]
+    cards = [read_card(sub) for sub in sorted(folder.iterdir()) if (sub / CARD_NAME).is_file()]
+    if not cards:
+        raise ModelError(f"{folder}: no {CARD_NAME} here or in its sub-folders, and not an nnU-Net "
+                         f"trained-model folder (plans.json + dataset.json + fold_*)")
+    seen: dict[str, Path] = {}
+    for card in cards:
+        if card.configuration in seen:
+            raise ModelError(f"{folder}: two models for configuration {card.configuration}: "
+                             f"{seen[card.configuration]} and {card.folder}; keep one per configuration")
+        seen[card.configuration] = card.folder
+    return cards

@@ -1,0 +1,54 @@
+"""Run settings: every option of a run, frozen, passed explicitly, saved beside the logs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from bids_postop.core.postprocess import GTR_CUTOFF_ML, MIN_COMPONENT_VOXELS
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: Literal["participant", "group"]
+    work_dir: Path
+    participant_labels: tuple[str, ...] = ()
+    postop_session: str = "postop"
+    preop_session: str = "preop"
+    bids_filter_file: Path | None = None
+    derivatives: dict[str, Path] = field(default_factory=dict)
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    mem_gb: float | None = None
+    device: Device = "auto"
+    model: str = "demo"
+    config: str = "auto"
+    brain_method: str = "deepbet"
+    skip_bids_validation: bool = False
+    stop_on_first_crash: bool = False
+    min_component_voxels: int = MIN_COMPONENT_VOXELS
+    gtr_cutoff_ml: float = GTR_CUTOFF_ML
+    gtr_inclusive: bool = False
+    use_mirroring: bool = True
+    verbosity: int = 0
+    command_line: str = ""
+
+    def resolved_device(self) -> str:
+        """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu`` (imports torch: call from workers only)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def to_json(self) -> str:
+        def default(value: Any) -> Any:
+            return str(value) if isinstance(value, Path) else value
+
+        return json.dumps(asdict(self), indent=2, default=default)

@@ -1,0 +1,283 @@
+"""Tests of bids_postop.core.registration: orientation handling, output grids, rigid recovery."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_postop.core.registration import (
+    RegistrationResult,
+    apply_transforms,
+    nifti_to_ants,
+    register,
+)
+from bids_postop.errors import InputDataError
+
+REAL = Path(os.environ.get("BIDS_POSTOP_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "real"))
+BRATS_T1C = REAL / "brats-gli-00001-000" / "BraTS-GLI-00001-000-t1c.nii.gz"
+TCGA_NATIVE_T1C = REAL / "tcga-fg-6692" / "native" / "TCGA-FG-6692_t1c.nii.gz"
+
+LPS_FLIP = np.array([-1.0, -1.0, 1.0])
+
+
+def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotation matrix (Rodrigues) about a unit axis."""
+    axis = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
+    theta = np.deg2rad(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * k @ k
+
+
+def _oblique_affine(zooms=(1.2, 0.9, 2.5), degrees=17.0, origin=(-30.0, 12.0, -8.0)) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = _rotation([0.3, -0.5, 0.8], degrees) @ np.diag(zooms)
+    affine[:3, 3] = origin
+    return affine
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        pytest.skip(f"real test data not found: {path} (set BIDS_POSTOP_REAL_DATA)")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# nibabel -> ANTs geometry
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.diag([1.0, 1.0, 1.0, 1.0]),  # RAS
+        np.diag([-1.0, -1.0, 1.0, 1.0]),  # LPS
+        np.diag([-0.9, 0.9, 5.5, 1.0]),  # LAS, anisotropic
+        _oblique_affine(),
+        _oblique_affine(zooms=(-1.0, 1.0, 1.0), degrees=-25.0),  # oblique and left-handed
+    ],
+    ids=["RAS", "LPS", "LAS", "oblique", "oblique-left-handed"],
+)
+def test_nifti_to_ants_physical_points_match_nibabel(affine):
+    import ants
+
+    rng = np.random.default_rng(0)
+    data = rng.random((7, 9, 5)).astype(np.float32)
+    img = nib.Nifti1Image(data, affine)
+    ants_img = nifti_to_ants(img)
+    np.testing.assert_array_equal(ants_img.numpy(), data)
+    for index in [(0, 0, 0), (6, 0, 0), (0, 8, 0), (0, 0, 4), (3, 5, 2), (6, 8, 4)]:
+        ants_point = np.array(ants.transform_index_to_physical_point(ants_img, index))
+        nib_point = (affine @ [*index, 1.0])[:3] * LPS_FLIP
+        np.testing.assert_allclose(ants_point, nib_point, atol=1e-4)
+
+
+def test_nifti_to_ants_real_oblique_scan_and_4d_singleton():
+    import ants
+
+    img = nib.load(_require(TCGA_NATIVE_T1C))
+    assert not np.allclose(img.affine[:3, :3], np.diag(np.diag(img.affine[:3, :3])))  # really oblique
+    ants_img = nifti_to_ants(img)
+    last = tuple(s - 1 for s in img.shape)
+    for index in [(0, 0, 0), last, (100, 50, 12)]:
+        ants_point = np.array(ants.transform_index_to_physical_point(ants_img, index))
+        np.testing.assert_allclose(ants_point, (img.affine @ [*index, 1.0])[:3] * LPS_FLIP, atol=1e-3)
+    four_d = nib.Nifti1Image(np.zeros((4, 5, 6, 1), np.int16), img.affine)
+    assert nifti_to_ants(four_d).shape == (4, 5, 6)
+
+
+# ------------------------------------------------------------------------------------------------
+# apply_transforms: output grid, orientation, nearest neighbour
+
+MOVING_AFFINE = np.array([[2.0, 0, 0, -20.0], [0, 2.0, 0, -22.0], [0, 0, 2.0, -18.0], [0, 0, 0, 1]])
+MOVING_SHAPE = (21, 23, 19)  # covers RAS [-20, 20] x [-22, 22] x [-18, 18] mm
+
+
+def _linear_field(points_ras: np.ndarray) -> np.ndarray:
+    """An intensity that is linear in RAS+ position: linear interpolation reproduces it exactly."""
+    return 100.0 + 0.5 * points_ras[..., 0] - 0.3 * points_ras[..., 1] + 0.2 * points_ras[..., 2]
+
+
+def _voxel_points(shape, affine) -> np.ndarray:
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(float)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+@pytest.fixture
+def moving_linear(tmp_path) -> Path:
+    data = _linear_field(_voxel_points(MOVING_SHAPE, MOVING_AFFINE)).astype(np.float32)
+    path = tmp_path / "moving.nii.gz"
+    nib.save(nib.Nifti1Image(data, MOVING_AFFINE), path)
+    return path
+
+
+def _reference_affine(kind: str) -> np.ndarray:
+    if kind == "LPS":
+        return np.array([[-1.5, 0, 0, 9.0], [0, -1.5, 0, 10.0], [0, 0, 1.5, -7.0], [0, 0, 0, 1]])
+    if kind == "RAS":
+        return np.array([[1.5, 0, 0, -9.0], [0, 1.5, 0, -10.0], [0, 0, 1.5, -7.0], [0, 0, 0, 1]])
+    if kind == "PIR":  # permuted axes
+        return np.array([[0, 0, 1.5, -7.0], [-1.5, 0, 0, 9.0], [0, -1.5, 0, 7.0], [0, 0, 0, 1]])
+    affine = _oblique_affine(zooms=(1.4, 1.1, 1.7), degrees=20.0, origin=(0.0, 0.0, 0.0))
+    affine[:3, 3] = -affine[:3, :3] @ (np.array((12, 14, 10)) - 1) / 2  # centre the grid on the origin
+    return affine
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS", "PIR", "oblique"])
+def test_apply_transforms_writes_exactly_on_reference_grid(tmp_path, moving_linear, orientation):
+    affine = _reference_affine(orientation)
+    shape = (12, 14, 10)
+    reference = tmp_path / f"ref_{orientation}.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(shape + (1,), np.int16), affine), reference)  # 4-D singleton
+    out = apply_transforms(moving_linear, reference, [], interpolation="linear", out_file=tmp_path / "o.nii.gz")
+    ref_img, out_img = nib.load(reference), nib.load(out)
+    assert out_img.shape == shape
+    assert np.array_equal(out_img.affine, ref_img.affine)
+    assert np.array_equal(out_img.header.get_sform(), ref_img.header.get_sform())
+    np.testing.assert_allclose(out_img.header.get_qform(), ref_img.header.get_qform(), atol=1e-5)
+    assert out_img.get_data_dtype() == np.float32
+    # the identity resampling must put every value where nibabel says the voxel is
+    expected = _linear_field(_voxel_points(shape, ref_img.affine))
+    np.testing.assert_allclose(out_img.get_fdata(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_apply_transforms_nearest_keeps_a_mask_binary(tmp_path):
+    import ants
+
+    shape = (30, 30, 30)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine[:3, 3] = [14.5, 14.5, -14.5]
+    points = _voxel_points(shape, affine)
+    sphere = (np.linalg.norm(points - [2.0, -1.0, 3.0], axis=-1) < 8.0).astype(np.uint8)
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(sphere, affine), mask)
+    reference = tmp_path / "ref.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((25, 27, 22), np.float32), _oblique_affine(zooms=(1.1, 1.1, 1.3),
+                                                                               origin=(-12, -14, -12))),
+             reference)
+    rotation = ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
+                                          matrix=_rotation([1, 1, 0], 10.0), translation=(1.0, -2.0, 0.5))
+    transform = tmp_path / "rot.mat"
+    ants.write_transform(rotation, str(transform))
+    out = apply_transforms(mask, reference, [transform], interpolation="nearest", out_file=tmp_path / "m.nii.gz")
+    out_img = nib.load(out)
+    values = np.asanyarray(out_img.dataobj)
+    assert out_img.get_data_dtype() == np.uint8
+    assert set(np.unique(values)) == {0, 1}
+    volume_in = sphere.sum() * 1.0
+    volume_out = values.sum() * abs(np.linalg.det(out_img.affine[:3, :3]))
+    assert volume_out == pytest.approx(volume_in, rel=0.1)
+
+
+def test_apply_transforms_rejects_missing_transform(tmp_path, moving_linear):
+    with pytest.raises(InputDataError, match="transform file not found"):
+        apply_transforms(moving_linear, moving_linear, [tmp_path / "nope.mat"], interpolation="linear",
+                         out_file=tmp_path / "o.nii.gz")
+
+
+# ------------------------------------------------------------------------------------------------
+# rigid registration recovers a known motion of a real scan
+
+
+def _downsample2(path: Path, out: Path) -> nib.Nifti1Image:
+    """2x2x2 block average (1 mm -> 2 mm); the affine keeps the block centres in place."""
+    img = nib.load(path)
+    data = img.get_fdata(dtype=np.float32)
+    shape = tuple(n // 2 for n in data.shape)
+    data = data[: 2 * shape[0], : 2 * shape[1], : 2 * shape[2]]
+    blocks = data.reshape(shape[0], 2, shape[1], 2, shape[2], 2).mean(axis=(1, 3, 5))
+    affine = img.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = (img.affine @ [0.5, 0.5, 0.5, 1.0])[:3]
+    small = nib.Nifti1Image(blocks, affine)
+    nib.save(small, out)
+    return small
+
+
+@pytest.mark.slow
+def test_rigid_registration_recovers_known_motion(tmp_path):
+    import ants
+    import pandas as pd
+
+    fixed_img = _downsample2(_require(BRATS_T1C), tmp_path / "fixed.nii.gz")
+    data = fixed_img.get_fdata()
+    brain = np.argwhere(data > 0)
+    brain_ras = brain @ fixed_img.affine[:3, :3].T + fixed_img.affine[:3, 3]
+    centre = brain_ras.mean(axis=0)
+    # true motion (RAS+ mm): the anatomy at x in the fixed image lies at T(x) in the moving image
+    rotation = _rotation([0.4, -0.7, 0.6], 6.0)
+    translation = np.array([4.0, -3.0, 2.5])
+    motion = np.eye(4)
+    motion[:3, :3] = rotation
+    motion[:3, 3] = centre - rotation @ centre + translation
+    moving = tmp_path / "moving.nii.gz"
+    nib.save(nib.Nifti1Image(data.astype(np.float32), motion @ fixed_img.affine), moving)  # oblique file
+
+    start = time.perf_counter()
+    result = register(tmp_path / "fixed.nii.gz", moving, kind="rigid", out_prefix=tmp_path / "out" / "sub_")
+    elapsed = time.perf_counter() - start
+    assert isinstance(result, RegistrationResult) and result.kind == "rigid"
+    assert [p.name for p in result.transforms] == ["sub_0GenericAffine.mat"]
+    assert all(p.is_file() for p in result.transforms)
+
+    # ANTs forward transforms map fixed-space LPS points to moving-space LPS points
+    points_lps = brain_ras * LPS_FLIP
+    estimated = ants.apply_transforms_to_points(
+        3, pd.DataFrame(points_lps, columns=["x", "y", "z"]), [str(p) for p in result.transforms]
+    )[["x", "y", "z"]].to_numpy()
+    true_lps = (brain_ras @ motion[:3, :3].T + motion[:3, 3]) * LPS_FLIP
+    error = np.linalg.norm(estimated - true_lps, axis=1)
+    print(f"rigid recovery: mean error {error.mean():.3f} mm, max {error.max():.3f} mm, {elapsed:.1f} s")
+    assert error.mean() < 1.0
+    assert error.max() < 2.0
+
+    # resampling the moving scan back through the estimate reproduces the fixed scan
+    back = apply_transforms(moving, tmp_path / "fixed.nii.gz", result.transforms, interpolation="linear",
+                            out_file=tmp_path / "back.nii.gz")
+    back_data = nib.load(back).get_fdata()
+    inside = data > 0
+    assert np.corrcoef(back_data[inside], data[inside])[0, 1] > 0.97
+
+    # same seed, same threads: the same transform
+    again = register(tmp_path / "fixed.nii.gz", moving, kind="rigid", out_prefix=tmp_path / "again_")
+    assert np.array_equal(ants.read_transform(str(again.transforms[0])).parameters,
+                          ants.read_transform(str(result.transforms[0])).parameters)
+
+
+@pytest.mark.slow
+def test_syn_registration_writes_warp_then_affine(tmp_path):
+    fixed_img = _downsample2(_require(BRATS_T1C), tmp_path / "fixed.nii.gz")
+    data = fixed_img.get_fdata()
+    # a smooth non-linear distortion of the same scan, written on the same grid
+    from scipy.ndimage import map_coordinates
+
+    grid = np.meshgrid(*[np.arange(n, dtype=float) for n in data.shape], indexing="ij")
+    warped_coords = [grid[0] + 1.5 * np.sin(grid[1] / 12.0), grid[1] + 1.0 * np.cos(grid[2] / 10.0), grid[2]]
+    moving_data = map_coordinates(data, warped_coords, order=1).astype(np.float32)
+    nib.save(nib.Nifti1Image(moving_data, fixed_img.affine), tmp_path / "moving.nii.gz")
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image((data > 0).astype(np.uint8), fixed_img.affine), mask)
+
+    result = register(tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz", kind="syn",
+                      out_prefix=tmp_path / "syn_", fixed_mask=mask)
+    assert [p.name for p in result.transforms] == ["syn_1Warp.nii.gz", "syn_0GenericAffine.mat"]
+    back = apply_transforms(tmp_path / "moving.nii.gz", tmp_path / "fixed.nii.gz", result.transforms,
+                            interpolation="linear", out_file=tmp_path / "back.nii.gz")
+    inside = data > 0
+    before = np.abs(moving_data - data)[inside].mean()
+    after = np.abs(nib.load(back).get_fdata() - data)[inside].mean()
+    assert after < 0.7 * before
+
+
+def test_register_rejects_mask_on_another_grid(tmp_path, moving_linear):
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.uint8), np.eye(4)), mask)
+    with pytest.raises(InputDataError, match="not on the grid"):
+        register(moving_linear, moving_linear, kind="rigid", out_prefix=tmp_path / "x_", fixed_mask=mask)
+
+
+def test_register_rejects_unknown_kind(tmp_path, moving_linear):
+    with pytest.raises(ValueError, match="kind must be one of"):
+        register(moving_linear, moving_linear, kind="bspline", out_prefix=tmp_path / "x_")  # type: ignore[arg-type]
