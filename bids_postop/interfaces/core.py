@@ -128,6 +128,7 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     postop_flair = File(exists=True)
     preop_t1ce = File(exists=True)
     preop_mask = File(exists=True)
+    brain_mask = File(exists=True, desc="brain mask on the post-op T1w-CE grid (Raidionics cropping)")
 
 
 class Segment(SimpleInterface):
@@ -140,19 +141,20 @@ class Segment(SimpleInterface):
         import nibabel as nib
 
         from bids_postop.core.images import write_like
-        from bids_postop.segmentation.models import read_card
-        from bids_postop.segmentation.nnunet import NnUNetOptions, predict_probability
+        from bids_postop.segmentation.backend import predict_probability
+        from bids_postop.segmentation.models import resolve_models
 
         _set_threads(self.inputs.threads)
-        card = read_card(Path(self.inputs.model_folder))
+        [card] = resolve_models(self.inputs.model_folder)
         channels = []
         for role in card.channels:
             value = getattr(self.inputs, role)
             if not isdefined(value):
                 raise ValueError(f"model {card.name} needs the {role} channel, which was not connected")
             channels.append(value)
-        probability = predict_probability(card, channels, options=NnUNetOptions(
-            device=_device(self.inputs.device), use_mirroring=self.inputs.use_mirroring))
+        probability = predict_probability(
+            card, channels, brain_mask=self.inputs.brain_mask if isdefined(self.inputs.brain_mask) else None,
+            device=_device(self.inputs.device), threads=self.inputs.threads, use_mirroring=self.inputs.use_mirroring)
         out = write_like(probability, nib.load(self.inputs.postop_t1ce), Path(runtime.cwd) / "probseg.nii.gz")
         self._results["out_file"] = str(out)
         return runtime

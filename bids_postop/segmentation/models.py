@@ -89,20 +89,41 @@ def _bare_nnunet_card(folder: Path) -> ModelCard:
                      details={"trained_model_folder": "."}, raw={})
 
 
+def _card_for(folder: Path) -> ModelCard | None:
+    """The card of a model folder of any supported kind, or ``None`` when it is not a model folder."""
+    if (folder / CARD_NAME).is_file():
+        return read_card(folder)
+    if (folder / "plans.json").is_file() and (folder / "dataset.json").is_file():
+        return _bare_nnunet_card(folder)
+    if (folder / "pre_processing.ini").is_file() and folder.name.find("Postop") >= 0:
+        from bids_postop.segmentation.raidionics import card_for_raidionics_folder
+
+        return card_for_raidionics_folder(folder)
+    return None
+
+
 def resolve_models(spec: str | Path) -> list[ModelCard]:
-    """Models named by ``--model``: ``demo``, a model folder, a collection, or a bare nnU-Net folder."""
-    folder = DEMO_MODELS if str(spec) == "demo" else Path(spec).expanduser().resolve()
+    """Models named by ``--model``: ``demo``, a model folder, a collection of model folders, a bare
+    nnU-Net or Raidionics folder, or the name of a model installed with ``bids_postop-models fetch``."""
+    if str(spec) == "demo":
+        folder = DEMO_MODELS
+    else:
+        folder = Path(spec).expanduser().resolve()
+        if not folder.is_dir() and "/" not in str(spec):
+            from bids_postop.models import resolve_installed
+
+            folder = resolve_installed(str(spec))
     if not folder.is_dir():
         raise ModelError(f"{folder}: model folder not found (give a model folder, a collection of models, "
-                         f"or 'demo')")
-    if (folder / CARD_NAME).is_file():
-        return [read_card(folder)]
-    if (folder / "plans.json").is_file() and (folder / "dataset.json").is_file():
-        return [_bare_nnunet_card(folder)]
-    cards = [read_card(sub) for sub in sorted(folder.iterdir()) if (sub / CARD_NAME).is_file()]
+                         f"the name of an installed model (bids_postop-models list), or 'demo')")
+    card = _card_for(folder)
+    if card is not None:
+        return [card]
+    cards = [c for sub in sorted(folder.iterdir()) if sub.is_dir() and (c := _card_for(sub)) is not None]
     if not cards:
         raise ModelError(f"{folder}: no {CARD_NAME} here or in its sub-folders, and not an nnU-Net "
-                         f"trained-model folder (plans.json + dataset.json + fold_*)")
+                         f"trained-model folder (plans.json + dataset.json + fold_*) nor a Raidionics "
+                         f"post-op model (pre_processing.ini + model.onnx)")
     seen: dict[str, Path] = {}
     for card in cards:
         if card.configuration in seen:

@@ -70,6 +70,7 @@ def init_participant_wf(
         (inputnode, skullstrip_postop_t1ce, [("postop_t1ce", "in_file")]),
         (brain_extraction, skullstrip_postop_t1ce, [("out_file", "mask")]),
         (skullstrip_postop_t1ce, segment, [("out_file", "postop_t1ce")]),
+        (brain_extraction, segment, [("out_file", "brain_mask")]),
     ])
 
     for role in used:
