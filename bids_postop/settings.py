@@ -36,6 +36,11 @@ class RunSettings:
     gtr_cutoff_ml: float = GTR_CUTOFF_ML
     gtr_inclusive: bool = False
     use_mirroring: bool = True
+    rater_groups: Path | None = None
+    folds: Path | None = None
+    compare: dict[str, Path] = field(default_factory=dict)
+    n_bootstrap: int = 2000
+    seed: int = 0
     verbosity: int = 0
     command_line: str = ""
 

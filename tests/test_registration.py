@@ -155,11 +155,15 @@ def test_apply_transforms_nearest_keeps_a_mask_binary(tmp_path):
     mask = tmp_path / "mask.nii.gz"
     nib.save(nib.Nifti1Image(sphere, affine), mask)
     reference = tmp_path / "ref.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((25, 27, 22), np.float32), _oblique_affine(zooms=(1.1, 1.1, 1.3),
-                                                                               origin=(-12, -14, -12))),
-             reference)
-    rotation = ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
-                                          matrix=_rotation([1, 1, 0], 10.0), translation=(1.0, -2.0, 0.5))
+    nib.save(
+        nib.Nifti1Image(
+            np.zeros((25, 27, 22), np.float32), _oblique_affine(zooms=(1.1, 1.1, 1.3), origin=(-12, -14, -12))
+        ),
+        reference,
+    )
+    rotation = ants.create_ants_transform(
+        transform_type="AffineTransform", dimension=3, matrix=_rotation([1, 1, 0], 10.0), translation=(1.0, -2.0, 0.5)
+    )
     transform = tmp_path / "rot.mat"
     ants.write_transform(rotation, str(transform))
     out = apply_transforms(mask, reference, [transform], interpolation="nearest", out_file=tmp_path / "m.nii.gz")
@@ -174,8 +178,13 @@ def test_apply_transforms_nearest_keeps_a_mask_binary(tmp_path):
 
 def test_apply_transforms_rejects_missing_transform(tmp_path, moving_linear):
     with pytest.raises(InputDataError, match="transform file not found"):
-        apply_transforms(moving_linear, moving_linear, [tmp_path / "nope.mat"], interpolation="linear",
-                         out_file=tmp_path / "o.nii.gz")
+        apply_transforms(
+            moving_linear,
+            moving_linear,
+            [tmp_path / "nope.mat"],
+            interpolation="linear",
+            out_file=tmp_path / "o.nii.gz",
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,12 +243,12 @@ def test_rigid_registration_recovers_known_motion(tmp_path):
     assert error.max() < 2.0
 
     # resampling the moving scan back through the estimate reproduces the fixed scan
-    back = apply_transforms(moving, tmp_path / "fixed.nii.gz", result.transforms, interpolation="linear",
-                            out_file=tmp_path / "back.nii.gz")
+    back = apply_transforms(
+        moving, tmp_path / "fixed.nii.gz", result.transforms, interpolation="linear", out_file=tmp_path / "back.nii.gz"
+    )
     back_data = nib.load(back).get_fdata()
     inside = data > 0
     assert np.corrcoef(back_data[inside], data[inside])[0, 1] > 0.97
-
 
 
 DETERMINISM_SCRIPT = """
@@ -265,13 +274,24 @@ def test_rigid_registration_is_reproducible_single_threaded(tmp_path):
     motion = np.eye(4)
     motion[:3, :3] = _rotation([0.0, 0.3, 1.0], 4.0)
     motion[:3, 3] = [2.0, 1.0, -3.0]
-    nib.save(nib.Nifti1Image(fixed_img.get_fdata(dtype=np.float32), motion @ fixed_img.affine),
-             tmp_path / "moving.nii.gz")
+    nib.save(
+        nib.Nifti1Image(fixed_img.get_fdata(dtype=np.float32), motion @ fixed_img.affine), tmp_path / "moving.nii.gz"
+    )
     env = {k: v for k, v in os.environ.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}
     run = subprocess.run(
-        [sys.executable, "-c", DETERMINISM_SCRIPT, str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"),
-         str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300, check=True,
+        [
+            sys.executable,
+            "-c",
+            DETERMINISM_SCRIPT,
+            str(tmp_path / "fixed.nii.gz"),
+            str(tmp_path / "moving.nii.gz"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
     )
     first, second = run.stdout.strip().splitlines()[-2:]
     assert first == second
@@ -291,11 +311,17 @@ def test_syn_registration_writes_warp_then_affine(tmp_path):
     mask = tmp_path / "mask.nii.gz"
     nib.save(nib.Nifti1Image((data > 0).astype(np.uint8), fixed_img.affine), mask)
 
-    result = register(tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz", kind="syn",
-                      out_prefix=tmp_path / "syn_", fixed_mask=mask)
+    result = register(
+        tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz", kind="syn", out_prefix=tmp_path / "syn_", fixed_mask=mask
+    )
     assert [p.name for p in result.transforms] == ["syn_1Warp.nii.gz", "syn_0GenericAffine.mat"]
-    back = apply_transforms(tmp_path / "moving.nii.gz", tmp_path / "fixed.nii.gz", result.transforms,
-                            interpolation="linear", out_file=tmp_path / "back.nii.gz")
+    back = apply_transforms(
+        tmp_path / "moving.nii.gz",
+        tmp_path / "fixed.nii.gz",
+        result.transforms,
+        interpolation="linear",
+        out_file=tmp_path / "back.nii.gz",
+    )
     inside = data > 0
     before = np.abs(moving_data - data)[inside].mean()
     after = np.abs(nib.load(back).get_fdata() - data)[inside].mean()

@@ -109,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classify a residual of exactly the cut-off as GTR (the study's validation code) "
                         "instead of RT (the paper's text, default)")
 
+    g = parser.add_argument_group("group level (validation against manual masks)")
+    g.add_argument("--rater-groups", type=Path, metavar="TSV",
+                   help="raters and their groups (columns rater, group: novice, expert or reference); manual "
+                        "masks are the -d datasets whose NAME starts with 'manual'")
+    g.add_argument("--folds", type=Path, metavar="TSV",
+                   help="cross-validation folds (columns fold and participant_id or site); default: a fold "
+                        "column of participants.tsv")
+    g.add_argument("--compare", nargs="+", type=_derivative, default=[], metavar="NAME=PATH",
+                   help="other models' bids_postop derivatives to compare with (Tukey HSD, Mann-Whitney U)")
+    g.add_argument("--n-bootstrap", type=_positive_int, default=2000, metavar="N",
+                   help="bootstrap resamples for BCa confidence intervals (default: 2000)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap (default: 0)")
+
     g = parser.add_argument_group("resources")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                    help="intermediate files; reusing it resumes a run (default: ./work)")

@@ -49,7 +49,8 @@ def settings_from_args(argv: Sequence[str] | None) -> RunSettings:
         brain_method=args.brain_method, skip_bids_validation=args.skip_bids_validation,
         stop_on_first_crash=args.stop_on_first_crash, min_component_voxels=args.min_component_voxels,
         gtr_cutoff_ml=args.gtr_cutoff_ml, gtr_inclusive=args.gtr_inclusive, use_mirroring=args.use_mirroring,
-        verbosity=args.verbosity,
+        rater_groups=args.rater_groups, folds=args.folds, compare=dict(args.compare),
+        n_bootstrap=args.n_bootstrap, seed=args.seed, verbosity=args.verbosity,
         command_line=shlex.join(["bids_postop", *(argv if argv is not None else sys.argv[1:])]))
 
 
@@ -235,16 +236,16 @@ def print_final_table(statuses: Sequence[ParticipantStatus], output_dir: Path | 
 
 
 def run_group(settings: RunSettings) -> int:
-    from bids_postop.bids.derivatives import SUMMARY_COLUMNS, atomic_write_text, read_summaries
+    """Aggregate the participants' results; validate against manual masks given as ``-d manual…=PATH``."""
+    from bids_postop.group import run_group_level
 
-    rows = read_summaries(settings.output_dir)
-    if not rows:
-        raise InputDataError("no participant results (*_desc-residual_measures.tsv) found; run the "
-                             "participant level first", settings.output_dir)
-    text = "\t".join(SUMMARY_COLUMNS) + "\n" + "".join(
-        "\t".join(r.get(c, "") for c in SUMMARY_COLUMNS) + "\n" for r in rows)
-    out = atomic_write_text(settings.output_dir / "group_summary.tsv", text)
-    LOG.info("group: %d sessions aggregated into %s", len(rows), out)
+    manual = {name: path for name, path in settings.derivatives.items() if name.startswith("manual")}
+    written = run_group_level(
+        settings.output_dir, bids_dir=settings.bids_dir, manual=manual or None,
+        rater_groups_tsv=settings.rater_groups, folds_tsv=settings.folds, compare=settings.compare or None,
+        gtr_cutoff_ml=settings.gtr_cutoff_ml, gtr_inclusive=settings.gtr_inclusive,
+        n_bootstrap=settings.n_bootstrap, seed=settings.seed, progress=lambda msg: LOG.info("group: %s", msg))
+    LOG.info("group: %d files written, report: %s", len(written), settings.output_dir / "group_report.html")
     return EXIT_OK
 
 
