@@ -19,6 +19,7 @@ from bids_postop.errors import (
     EXIT_USAGE,
     BidsPostopError,
     InputDataError,
+    UsageError,
 )
 from bids_postop.settings import RunSettings
 
@@ -97,10 +98,6 @@ def run_participants(settings: RunSettings) -> int:
     from bids_postop.segmentation.models import resolve_models
     from bids_postop.workflows.preflight import check_participant_inputs
 
-    cards = {c.configuration: c for c in resolve_models(settings.model)}
-    if settings.config != "auto" and settings.config not in cards:
-        raise BidsPostopError(f"--config {settings.config}: the model(s) at {settings.model} cover only "
-                              f"configuration(s) {', '.join(sorted(cards))}")
     if not settings.skip_bids_validation:
         from bids_postop.bids.validation import validate_dataset
 
@@ -112,6 +109,10 @@ def run_participants(settings: RunSettings) -> int:
         derivatives=settings.derivatives, bids_filters=load_bids_filters(settings.bids_filter_file),
         validate=not settings.skip_bids_validation)
     participants = [check_participant_inputs(p) for p in participants]
+    cards = {c.configuration: c for c in resolve_models(settings.model)}
+    if settings.config != "auto" and settings.config not in cards:
+        raise UsageError(f"--config {settings.config}: the model(s) at {settings.model} cover only "
+                              f"configuration(s) {', '.join(sorted(cards))}")
     chosen = {p.subject: choose_configuration(p.available, set(cards), settings.config) for p in participants}
     LOG.info("Inputs found (model: %s; configurations available: %s)\n%s", settings.model,
              ", ".join(sorted(cards)), format_inputs_table(participants, chosen))
@@ -142,6 +143,10 @@ def run_participants(settings: RunSettings) -> int:
     write_dataset_description(settings.output_dir, settings.bids_dir)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     configure_nipype(settings)
+    # ITK reads its thread count once per process, at the first ANTs call: set it before any worker starts.
+    # One thread per registration makes reruns bit-identical (two threads differ by ~0.01 mm).
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(settings.omp_nthreads)
+    os.environ["OMP_NUM_THREADS"] = str(settings.omp_nthreads)
     provenance = {"bids_postop_version": __version__, "command_line": settings.command_line,
                   "versions": package_versions()}
     for p in runnable:
