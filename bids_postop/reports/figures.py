@@ -1,0 +1,478 @@
+"""Report figures ("reportlets"): slice mosaics with contours, and a flicker registration check.
+
+Pure functions: they read NIfTI files with nibabel, write one figure and return its path. Images are
+shown in RAS+ voxel order (:func:`bids_postop.core.images.to_ras`: axis flips and permutations only, no
+interpolation), neurological convention (the participant's right on the right of axial and coronal
+slices, anterior on the right of sagittal slices), with pixels drawn at their size in mm so anisotropic
+voxels (0.9 × 0.9 × 2.5 mm) keep the anatomy's proportions. Oblique grids are shown along their closest
+RAS axes, as acquired. All images of one call must share one grid (shape and affine); a
+:class:`ValueError` names the files otherwise.
+
+matplotlib is imported inside the functions (object API, Agg canvas, no pyplot), so importing this
+module costs nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nibabel import orientations as nio
+
+from bids_postop.core.images import load_3d, ras_voxel_sizes, to_ras
+
+# colours: residual tumour red, probability yellow, brain mask blue, pre-op tumour orange, edges cyan
+RESIDUAL_COLOUR = "#ff2a2a"
+PROBABILITY_COLOUR = (1.0, 0.9, 0.1)
+BRAIN_COLOUR = "#3aa0ff"
+PREOP_COLOUR = "#ff9a1f"
+EDGE_COLOUR = "#00e5ff"
+AXIS_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
+DPI = 90
+REGISTRATION_DPI = 80
+GRID_ATOL_MM = 1e-3
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Volume:
+    """One image in RAS+ voxel order, with its world coordinates per RAS voxel axis."""
+
+    data: np.ndarray  # (x, y, z), RAS+ voxel order, float32
+    zooms: tuple[float, float, float]  # mm, RAS+ voxel order
+    affine: np.ndarray  # 4x4 affine of the RAS+-ordered array
+
+
+def _load_on_one_grid(caller: str, paths: Mapping[str, str | Path | None]) -> dict[str, _Volume]:
+    """Load the given images (``None`` skipped), check they share one grid, put them in RAS+ order."""
+    imgs = {name: load_3d(p, what=name.replace("_", " ")) for name, p in paths.items() if p is not None}
+    ref_name, ref = next(iter(imgs.items()))
+    for name, img in imgs.items():
+        if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=GRID_ATOL_MM):
+            diff = (float(np.abs(img.affine - ref.affine).max()) if img.shape[:3] == ref.shape[:3] else None)
+            raise ValueError(
+                f"{caller}: images not on the same grid: {ref_name}={paths[ref_name]} has shape "
+                f"{ref.shape[:3]}, {name}={paths[name]} has shape {img.shape[:3]}"
+                + (f" and an affine differing by up to {diff:.4g}" if diff is not None else "")
+                + f"; resample {name} onto the {ref_name} grid first")
+    ornt = nio.io_orientation(ref.affine)
+    ras_affine = ref.affine @ nio.inv_ornt_aff(nio.ornt_transform(ornt, nio.axcodes2ornt("RAS")), ref.shape[:3])
+    zooms = ras_voxel_sizes(ref.affine)
+    return {name: _Volume(np.asarray(to_ras(np.asarray(img.dataobj, dtype=np.float32), img.affine)), zooms,
+                          ras_affine)
+            for name, img in imgs.items()}
+
+
+def _bbox(mask: np.ndarray, *, margin: int = 0) -> tuple[slice, slice, slice] | None:
+    """Bounding box of a boolean 3-D array, grown by ``margin`` voxels; ``None`` when empty."""
+    if not mask.any():
+        return None
+    out = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        out.append(slice(max(0, int(hit[0]) - margin), min(mask.shape[axis], int(hit[-1]) + 1 + margin)))
+    return out[0], out[1], out[2]
+
+
+def _crop(volumes: Mapping[str, _Volume], box: tuple[slice, slice, slice] | None) -> dict[str, np.ndarray]:
+    return {name: (v.data[box] if box is not None else v.data) for name, v in volumes.items()}
+
+
+def _window(data: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
+    values = data[mask] if mask is not None and mask.any() else data[data != 0]
+    if values.size == 0:
+        values = data.ravel()
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    return float(lo), float(hi if hi > lo else lo + 1.0)
+
+
+def spread_slices(lo: int, hi: int, n: int, size: int) -> list[int]:
+    """``n`` slice indices through ``[lo, hi]`` (inclusive) of an axis with ``size`` slices.
+
+    An extent of at least ``n`` slices gets the centres of ``n`` equal bins; a smaller extent gets ``n``
+    contiguous slices centred on it (shifted to stay inside ``[0, size)``). Returns sorted unique indices.
+    """
+    n = max(1, min(n, size))
+    extent = hi - lo + 1
+    if extent >= n:
+        edges = np.linspace(lo, hi + 1, n + 1)
+        idx = np.floor((edges[:-1] + edges[1:]) / 2).astype(int)
+    else:
+        start = int(round((lo + hi) / 2 - (n - 1) / 2))
+        start = min(max(start, 0), size - n)
+        idx = np.arange(start, start + n)
+    return sorted({int(i) for i in np.clip(idx, 0, size - 1)})
+
+
+# --- drawing --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Cut:
+    axis: int  # RAS axis normal to the slice: 0 sagittal, 1 coronal, 2 axial
+    index: int  # in the cropped array
+
+
+def _plane(data: np.ndarray, cut: _Cut) -> np.ndarray:
+    """2-D slice as (rows = up, cols = right): axial (A, R), coronal (S, R), sagittal (S, A)."""
+    return np.take(data, cut.index, axis=cut.axis).T
+
+
+def _extent(shape2d: tuple[int, ...], zooms: tuple[float, float, float], axis: int) -> tuple[float, float]:
+    horizontal, vertical = [z for a, z in enumerate(zooms) if a != axis]
+    return shape2d[1] * horizontal, shape2d[0] * vertical
+
+
+def _world(volume: _Volume, box: tuple[slice, slice, slice] | None, cut: _Cut) -> float:
+    """World coordinate (mm) of the slice along its RAS axis, at the centre of the cropped array."""
+    box = box or (slice(0, volume.data.shape[0]), slice(0, volume.data.shape[1]), slice(0, volume.data.shape[2]))
+    centre = [(s.start + s.stop - 1) / 2 for s in box]
+    centre[cut.axis] = box[cut.axis].start + cut.index
+    return float((volume.affine @ np.array([*centre, 1.0]))[cut.axis])
+
+
+def _new_figure(width_in: float, height_in: float, dpi: int = DPI):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi, facecolor="black")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _draw_panel(ax, base: np.ndarray, window: tuple[float, float], cut: _Cut,
+                zooms: tuple[float, float, float], *, probability: np.ndarray | None = None,
+                contours: Sequence[tuple[np.ndarray, str, float, Sequence[float]]] = (),
+                label: str | None = None, orientation_letters: bool = False) -> None:
+    """One slice: grey base, optional probability haze, contours (array, colour, width, levels)."""
+    plane = _plane(base, cut)
+    width_mm, height_mm = _extent(plane.shape, zooms, cut.axis)
+    extent = (0.0, width_mm, 0.0, height_mm)
+    ax.imshow(plane, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", extent=extent,
+              interpolation="bilinear", aspect="equal")
+    if probability is not None:
+        p = np.clip(_plane(probability, cut), 0.0, 1.0)
+        rgba = np.zeros((*p.shape, 4), dtype=np.float32)
+        rgba[..., :3] = PROBABILITY_COLOUR
+        rgba[..., 3] = np.where(p >= 0.05, 0.25 + 0.45 * p, 0.0)
+        ax.imshow(rgba, origin="lower", extent=extent, interpolation="nearest", aspect="equal")
+    rows, cols = plane.shape
+    xs = (np.arange(cols) + 0.5) * width_mm / cols
+    ys = (np.arange(rows) + 0.5) * height_mm / rows
+    for array, colour, linewidth, levels in contours:
+        c = _plane(array, cut)
+        if c.min() < max(levels) and c.max() > min(levels):
+            ax.contour(xs, ys, c, levels=list(levels), colors=[colour], linewidths=linewidth)
+    ax.set_xlim(0, width_mm)
+    ax.set_ylim(0, height_mm)
+    ax.set_axis_off()
+    style = {"color": "white", "fontsize": 8, "transform": ax.transAxes}
+    if label:
+        ax.text(0.02, 0.02, label, ha="left", va="bottom", **style)
+    if orientation_letters:
+        left, right = ("P", "A") if cut.axis == 0 else ("L", "R")
+        ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+        ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+
+
+def _layout(fig, rows: Sequence[Sequence[_Cut]], shapes: tuple[int, int, int], zooms, *,
+            header_in: float, width_in: float) -> list[list[Any]]:
+    """Axes for rows of cuts; each row's height follows the aspect of its panels."""
+    ncols = max(len(r) for r in rows)
+    col_w = width_in / ncols
+    heights = []
+    for row in rows:
+        ratios = []
+        for cut in row:
+            dims = [shapes[a] * zooms[a] for a in range(3) if a != cut.axis]
+            ratios.append(dims[1] / dims[0])
+        heights.append(col_w * max(ratios))
+    total = header_in + sum(heights)
+    fig.set_size_inches(width_in, total)
+    axes, top = [], total - header_in
+    for row, h in zip(rows, heights, strict=True):
+        top -= h
+        axes.append([fig.add_axes((i * col_w / width_in, top / total, col_w / width_in * 0.98, h / total * 0.98))
+                     for i in range(len(row))])
+    return axes
+
+
+def _header(fig, text: str, header_in: float) -> None:
+    if text:
+        height = fig.get_size_inches()[1]
+        fig.text(0.005, 1 - header_in / height / 2, text, color="white", fontsize=9, va="center", ha="left")
+
+
+def _png_bytes(fig, *, grey_levels: int = 128) -> bytes:
+    """Render to a palette PNG: ``grey_levels`` greys for the images, the other entries for overlays.
+
+    Overlay colours get palette entries of their own (median cut over the coloured pixels only), so a
+    contour a few pixels long keeps its colour; a single median cut over the whole figure would merge it
+    into the greys.
+    """
+    from PIL import Image
+
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    wide = rgb.astype(np.int16)
+    coloured = (wide.max(axis=-1) - wide.min(axis=-1)) > 24
+    index = np.empty(rgb.shape[:2], dtype=np.uint8)
+    index[~coloured] = np.round(wide[~coloured].mean(axis=-1) * (grey_levels - 1) / 255).astype(np.uint8)
+    palette = [round(i * 255 / (grey_levels - 1)) for i in range(grey_levels) for _ in range(3)]
+    if coloured.any():
+        pixels = Image.fromarray(np.ascontiguousarray(rgb[coloured][None]), "RGB")
+        quantized = pixels.quantize(colors=256 - grey_levels, method=Image.Quantize.MEDIANCUT)
+        index[coloured] = np.asarray(quantized)[0] + grey_levels
+        palette += (quantized.getpalette() or [])[: 3 * (256 - grey_levels)]
+    image = Image.fromarray(index, "P")
+    image.putpalette(palette + [0] * (768 - len(palette)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _write_raster(fig, out_file: Path, title: str) -> Path:
+    """Write the figure as PNG, or as an SVG holding the PNG, chosen by ``out_file``'s extension."""
+    png = _png_bytes(fig)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    if out_file.suffix.lower() == ".png":
+        out_file.write_bytes(png)
+    elif out_file.suffix.lower() == ".svg":
+        w, h = (int(round(v)) for v in fig.get_size_inches() * fig.dpi)
+        out_file.write_text(_svg_document(w, h, title, [("", png)]), encoding="utf-8")
+    else:
+        raise ValueError(f"{out_file}: figure files end in .png or .svg")
+    return out_file
+
+
+def _svg_image(png: bytes, w: int, h: int) -> str:
+    data = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return f'<image x="0" y="0" width="{w}" height="{h}" xlink:href="{data}"/>'
+
+
+def _svg_document(w: int, h: int, title: str, layers: Sequence[tuple[str, bytes]], style: str = "") -> str:
+    body = "".join(f'<g class="{cls}">{_svg_image(png, w, h)}</g>' if cls else _svg_image(png, w, h)
+                   for cls, png in layers)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+            f'width="{w}" height="{h}" viewBox="0 0 {w} {h}"><title>{html.escape(title)}</title>'
+            f"{f'<style>{style}</style>' if style else ''}{body}</svg>\n")
+
+
+def _cuts(lo_hi: tuple[int, int] | None, shape: tuple[int, ...], axis: int, n: int, *,
+          trim: float = 0.0) -> list[_Cut]:
+    """``n`` cuts through ``lo_hi`` (inclusive slice range along ``axis``, less ``trim`` of it at both ends),
+    or through the middle 60 % of the axis when ``lo_hi`` is ``None``."""
+    if lo_hi is None:
+        lo, hi, trim = 0, shape[axis] - 1, 0.2
+    else:
+        lo, hi = lo_hi
+    cut = int((hi - lo + 1) * trim)
+    return [_Cut(axis, i) for i in spread_slices(lo + cut, hi - cut, n, shape[axis])]
+
+
+def _range(box: tuple[slice, slice, slice] | None, axis: int) -> tuple[int, int] | None:
+    return None if box is None else (box[axis].start, box[axis].stop - 1)
+
+
+def _render(volumes: Mapping[str, _Volume], base: str, rows_of: Any, *, field_of_view: np.ndarray,
+            window_mask: str | None, contours: Sequence[tuple[str | np.ndarray, str, float, Sequence[float]]],
+            probability: str | None = None, header: str, width_in: float = 12.0, dpi: int = DPI):
+    """Crop every volume to ``field_of_view`` (boolean, RAS) and draw rows of slices of ``base``.
+
+    ``rows_of(cropped arrays)`` returns the rows of cuts; ``contours`` name arrays (or give cropped
+    arrays) with their colour, line width and levels.
+    """
+    crop = _bbox(field_of_view, margin=3)
+    data = _crop(volumes, crop)
+    reference = volumes[base]
+    shape = data[base].shape
+    rows = [row for row in rows_of(data) if row]
+    window = _window(data[base], data[window_mask] > 0.5 if window_mask and window_mask in data else None)
+    lines = [(data[a] if isinstance(a, str) else a, colour, width, levels)
+             for a, colour, width, levels in contours if not isinstance(a, str) or a in data]
+    header_in = 0.3
+    fig = _new_figure(width_in, 8.0, dpi)
+    axes = _layout(fig, rows, shape, reference.zooms, header_in=header_in, width_in=width_in)
+    for row, row_axes in zip(rows, axes, strict=True):
+        for c, (cut, ax) in enumerate(zip(row, row_axes, strict=True)):
+            _draw_panel(ax, data[base], window, cut, reference.zooms,
+                        probability=data.get(probability) if probability else None, contours=lines,
+                        label=f"{AXIS_NAMES[cut.axis]} {'xyz'[cut.axis]}={_world(reference, crop, cut):.0f} mm",
+                        orientation_letters=c == 0 or row[c - 1].axis != cut.axis)
+    _header(fig, header, header_in)
+    return fig
+
+
+def _through_target(keys: Sequence[str], n_axial: int, n_other: int, *, probability: str | None = None):
+    """Rows of cuts (axial rows of six, then coronal + sagittal) through the first non-empty mask of
+    ``keys``, else through the voxels at or above half the peak of ``probability`` (peak ≥ 0.05), else
+    through the middle of the field of view."""
+    def rows_of(data: Mapping[str, np.ndarray]) -> list[list[_Cut]]:
+        shape = next(iter(data.values())).shape
+        box = next((b for k in keys if k in data and (b := _bbox(data[k] > 0.5)) is not None), None)
+        if box is None and probability in data:
+            peak = float(data[probability].max())
+            box = _bbox(data[probability] >= 0.5 * peak) if peak >= 0.05 else None
+        axial = _cuts(_range(box, 2), shape, 2, n_axial)
+        per_row = min(6, len(axial))
+        rows = [axial[i:i + per_row] for i in range(0, len(axial), per_row)]
+        if n_other:
+            rows.append(_cuts(_range(box, 1), shape, 1, n_other) + _cuts(_range(box, 0), shape, 0, n_other))
+        return rows
+    return rows_of
+
+
+def _across(mask_key: str | None, n_slices: int, *, trim: float):
+    """One row per plane (axial, coronal, sagittal) of ``n_slices`` cuts across the mask's extent."""
+    def rows_of(data: Mapping[str, np.ndarray]) -> list[list[_Cut]]:
+        shape = next(iter(data.values())).shape
+        box = _bbox(data[mask_key] > 0.5) if mask_key and mask_key in data else None
+        return [_cuts(_range(box, axis), shape, axis, n_slices, trim=trim) for axis in (2, 1, 0)]
+    return rows_of
+
+
+def _check_count(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1; got {value}")
+
+
+# --- public functions -----------------------------------------------------------------------------
+
+def residual_mosaic(t1ce: str | Path, residual_mask: str | Path, probseg: str | Path | None,
+                    brain_mask: str | Path | None, out_file: str | Path, *, n_slices: int = 12) -> Path:
+    """Mosaic of the post-op contrast T1w through the residual tumour, with contours.
+
+    ``n_slices`` axial slices (rows of six) span the residual tumour's extent (a small residual gets
+    contiguous slices around it), and a last row holds three coronal and three sagittal slices through it.
+    When the residual mask is empty the slices go through the highest-probability region of ``probseg``
+    (voxels at or above half its peak, when the peak is at least 0.05), else through the middle 60 % of
+    the brain. Residual contour red, probability haze yellow (from 0.05), brain-mask contour blue. The
+    field of view is the brain mask (or the non-zero voxels of ``t1ce``) and the residual, plus 3 voxels.
+
+    Parameters
+    ----------
+    t1ce, residual_mask, probseg, brain_mask
+        NIfTI paths on one grid (the post-op T1w-CE's); ``probseg`` and ``brain_mask`` may be ``None``.
+    out_file
+        ``.png`` (palette PNG, 100–300 KB) or ``.svg`` (the same PNG inside an SVG).
+
+    Returns ``out_file``. Raises ``ValueError`` when the images are not on one grid.
+    """
+    _check_count("n_slices", n_slices)
+    volumes = _load_on_one_grid("residual_mosaic", {"t1ce": t1ce, "residual_mask": residual_mask,
+                                                    "probseg": probseg, "brain_mask": brain_mask})
+    brain = volumes["brain_mask"].data > 0.5 if "brain_mask" in volumes else volumes["t1ce"].data != 0
+    fig = _render(
+        volumes, "t1ce", _through_target(("residual_mask",), n_slices, 3, probability="probseg"),
+        field_of_view=brain | (volumes["residual_mask"].data > 0.5), window_mask="brain_mask",
+        contours=(("brain_mask", BRAIN_COLOUR, 0.8, (0.5,)), ("residual_mask", RESIDUAL_COLOUR, 1.4, (0.5,))),
+        probability="probseg",
+        header="post-op T1w-CE    red: residual tumour    yellow: residual probability    blue: brain mask")
+    return _write_raster(fig, Path(out_file), "Residual tumour on the post-operative contrast-enhanced T1w")
+
+
+def brain_mask_figure(t1ce: str | Path, brain_mask: str | Path, out_file: str | Path, *, n_slices: int = 6
+                      ) -> Path:
+    """Brain-mask contour (blue) on the post-op T1w-CE: ``n_slices`` axial, coronal and sagittal slices
+    across the brain (its outer eighths left out). Same grid for both; PNG or SVG by extension."""
+    _check_count("n_slices", n_slices)
+    volumes = _load_on_one_grid("brain_mask_figure", {"t1ce": t1ce, "brain_mask": brain_mask})
+    fig = _render(volumes, "t1ce", _across("brain_mask", n_slices, trim=0.125),
+                  field_of_view=(volumes["brain_mask"].data > 0.5) | (volumes["t1ce"].data != 0), window_mask=None,
+                  contours=(("brain_mask", BRAIN_COLOUR, 1.0, (0.5,)),), header="post-op T1w-CE    blue: brain mask")
+    return _write_raster(fig, Path(out_file), "Brain mask on the post-operative contrast-enhanced T1w")
+
+
+def preop_mask_figure(preop_registered: str | Path, preop_mask_registered: str | Path, out_file: str | Path, *,
+                      n_slices: int = 6) -> Path:
+    """Pre-op tumour mask (orange contour) on the registered pre-op T1w-CE, slices through the tumour.
+
+    Both images on the post-op T1w-CE grid (registered there). ``n_slices`` axial slices through the
+    tumour, then three coronal and three sagittal ones; the middle of the image when the mask is empty.
+    PNG or SVG by ``out_file``'s extension.
+    """
+    _check_count("n_slices", n_slices)
+    volumes = _load_on_one_grid("preop_mask_figure", {"preop": preop_registered,
+                                                      "preop_mask": preop_mask_registered})
+    fig = _render(volumes, "preop", _through_target(("preop_mask",), n_slices, 3),
+                  field_of_view=(volumes["preop"].data != 0) | (volumes["preop_mask"].data > 0.5), window_mask=None,
+                  contours=(("preop_mask", PREOP_COLOUR, 1.4, (0.5,)),),
+                  header="registered pre-op T1w-CE    orange: pre-op tumour mask")
+    return _write_raster(fig, Path(out_file), "Pre-operative tumour mask on the registered pre-operative T1w-CE")
+
+
+def _otsu(values: np.ndarray, bins: int = 128) -> float:
+    """Otsu's threshold of a 1-D sample (the level that best splits it into two classes)."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = ((hist * centres).sum() - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    return float(centres[int(np.argmax(w0 * w1 * (m0 - m1) ** 2))])
+
+
+def _edges(data: np.ndarray, mask: np.ndarray | None, zooms: tuple[float, float, float]
+           ) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Image smoothed by a 1.5 mm Gaussian and the Otsu level inside ``mask``: its iso-contour follows
+    the main tissue boundary (grey/white matter on a T1w, brain/CSF on others)."""
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(data, sigma=[1.5 / z for z in zooms])
+    inside = smooth[mask] if mask is not None and mask.any() else smooth[data != 0]
+    if inside.size == 0 or float(inside.max()) <= float(inside.min()):
+        return smooth, ()
+    return smooth, (_otsu(inside),)
+
+
+FLICKER_STYLE = ("@keyframes bp-flicker{0%{opacity:0}50%{opacity:1}100%{opacity:1}}"
+                 ".moving{animation:bp-flicker 3s steps(1,end) infinite}"
+                 "svg:hover .moving{animation-play-state:paused}"
+                 "@media (prefers-reduced-motion:reduce){.moving{animation:none;opacity:0}"
+                 "svg:hover .moving{opacity:1}}")
+
+
+def registration_check(fixed: str | Path, moving_registered: str | Path, out_file: str | Path, *,
+                       brain_mask: str | Path | None = None, fixed_label: str = "post-op T1w-CE",
+                       moving_label: str | None = None, n_slices: int = 5) -> Path:
+    """Flicker SVG of the fixed image and a registered image, both with the fixed image's edges.
+
+    Two layers of the same slices (``n_slices`` axial, coronal and sagittal across the brain): the fixed
+    post-op T1w-CE and ``moving_registered`` (already resampled onto the fixed grid), each drawn with the
+    iso-contour of the smoothed fixed image at its Otsu level inside the brain, in cyan. A CSS animation
+    shows each layer for 1.5 s in turn; hovering (SVG embedded as ``<object>``) holds the current one;
+    with reduced motion asked for, hovering shows the registered layer. ``brain_mask`` (same grid) sets
+    the field of view and the edge level. ``out_file`` must end in ``.svg``; 300–500 KB.
+    """
+    _check_count("n_slices", n_slices)
+    out_file = Path(out_file)
+    if out_file.suffix.lower() != ".svg":
+        raise ValueError(f"{out_file}: the registration check is an SVG (flicker); name it *.svg")
+    volumes = _load_on_one_grid("registration_check", {"fixed": fixed, "moving": moving_registered,
+                                                       "brain_mask": brain_mask})
+    brain = volumes["brain_mask"].data > 0.5 if "brain_mask" in volumes else volumes["fixed"].data != 0
+    crop = _bbox(brain, margin=3)
+    smooth, levels = _edges(volumes["fixed"].data[crop] if crop else volumes["fixed"].data,
+                            brain[crop] if crop else brain, volumes["fixed"].zooms)
+    moving_label = moving_label or Path(moving_registered).name
+    layers, size = [], (0, 0)
+    for name, label in (("fixed", fixed_label), ("moving", moving_label)):
+        fig = _render(volumes, name, _across("brain_mask" if "brain_mask" in volumes else None, n_slices,
+                                             trim=1 / 6),
+                      field_of_view=brain, window_mask="brain_mask",
+                      contours=[(smooth, EDGE_COLOUR, 0.7, levels)] if levels else [],
+                      header=f"{'FIXED' if name == 'fixed' else 'REGISTERED'}: {label}    "
+                             "cyan: edges of the fixed image", width_in=10.0, dpi=REGISTRATION_DPI)
+        size = tuple(int(round(v)) for v in fig.get_size_inches() * fig.dpi)
+        layers.append((name, _png_bytes(fig, grey_levels=96)))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(_svg_document(size[0], size[1], f"Registration check: {moving_label} on {fixed_label}",
+                                      [("", layers[0][1]), ("moving", layers[1][1])], style=FLICKER_STYLE),
+                        encoding="utf-8")
+    return out_file
