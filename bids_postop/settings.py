@@ -36,6 +36,7 @@ class RunSettings:
     gtr_cutoff_ml: float = GTR_CUTOFF_ML
     gtr_inclusive: bool = False
     use_mirroring: bool = True
+    reports_only: bool = False
     rater_groups: Path | None = None
     folds: Path | None = None
     compare: dict[str, Path] = field(default_factory=dict)

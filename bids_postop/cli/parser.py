@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory limit for scheduling steps, e.g. 16G")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where networks run (default: auto = cuda when available)")
+    g.add_argument("--reports-only", action="store_true",
+                   help="only rebuild the HTML reports from outputs already in output_dir")
     g.add_argument("--stop-on-first-crash", action="store_true",
                    help="stop at the first failure instead of finishing the other participants")
     return parser

@@ -50,7 +50,7 @@ def settings_from_args(argv: Sequence[str] | None) -> RunSettings:
         brain_method=args.brain_method, skip_bids_validation=args.skip_bids_validation,
         stop_on_first_crash=args.stop_on_first_crash, min_component_voxels=args.min_component_voxels,
         gtr_cutoff_ml=args.gtr_cutoff_ml, gtr_inclusive=args.gtr_inclusive, use_mirroring=args.use_mirroring,
-        rater_groups=args.rater_groups, folds=args.folds, compare=dict(args.compare),
+        reports_only=args.reports_only, rater_groups=args.rater_groups, folds=args.folds, compare=dict(args.compare),
         n_bootstrap=args.n_bootstrap, seed=args.seed, verbosity=args.verbosity,
         command_line=shlex.join(["bids_postop", *(argv if argv is not None else sys.argv[1:])]))
 
@@ -85,7 +85,7 @@ def configure_nipype(settings: RunSettings) -> None:
         "execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
                       "stop_on_first_crash": settings.stop_on_first_crash, "hash_method": "timestamp",
                       "remove_unnecessary_outputs": False, "create_report": False,
-                      "parameterize_dirs": False},
+                      "parameterize_dirs": False, "poll_sleep_duration": 0.2},
         "monitoring": {"enabled": False},
     })
     nlogging.update_logging(config)
@@ -180,10 +180,8 @@ def run_one_participant(settings: RunSettings, inputs, card, provenance) -> Part
         if status == "start":
             node_start[name] = time.monotonic()
         elif status in ("end", "exception"):
-            took = time.monotonic() - node_start.get(name, time.monotonic())
-            cached = " (cached)" if status == "end" and took < 0.5 and node.result is not None else ""
-            LOG.info("%s: %-24s %s %6.1f s%s", pid, name, "done  " if status == "end" else "FAILED",
-                     took, cached)
+            took = time.monotonic() - node_start[name] if name in node_start else 0.0
+            LOG.info("%s: %-24s %s %6.1f s", pid, name, "done  " if status == "end" else "FAILED", took)
             if status == "exception":
                 errors.append(f"{name}: {crash_message(node)}")
 
@@ -195,12 +193,33 @@ def run_one_participant(settings: RunSettings, inputs, card, provenance) -> Part
         workflow.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as exc:  # nipype raises RuntimeError after the crashed nodes; details in `errors`
         message = "; ".join(errors) or f"{exc.__class__.__name__}: {exc}"
-        LOG.error("%s: failed after %.0f s: %s (crash files: %s)", pid, time.monotonic() - start, message,
-                  settings.work_dir / "crashes")
-        return ParticipantStatus(pid, "failed", card.configuration, time.monotonic() - start, message)
+        took = time.monotonic() - start
+        LOG.error("%s: failed after %.0f s: %s (crash files: %s)", pid, took, message, settings.work_dir / "crashes")
+        final_report(settings, inputs, card, took, errors or [message], failed=True)
+        return ParticipantStatus(pid, "failed", card.configuration, took, message)
     took = time.monotonic() - start
-    LOG.info("%s: finished in %.0f s", pid, took)
+    final_report(settings, inputs, card, took, [], failed=False)
+    LOG.info("%s: finished in %.0f s; report: %s", pid, took, settings.output_dir / f"{pid}.html")
     return ParticipantStatus(pid, "done", card.configuration, took)
+
+
+def final_report(settings: RunSettings, inputs, card, took: float, errors: list[str], *, failed: bool) -> None:
+    """Rewrite the participant's HTML with what only the end of the run knows: run time, device, errors."""
+    from bids_postop.bids.derivatives import SessionOutputs, bids_uri
+    from bids_postop.reports.html import existing_figures, render_participant_report
+
+    outputs = SessionOutputs.for_source(settings.output_dir, inputs.files["postop_t1ce"], inputs.subject,
+                                        inputs.postop_session)
+    try:
+        render_participant_report(
+            settings.output_dir, inputs.subject, inputs.postop_session,
+            measures_json=None if failed or not outputs.measures_json.exists() else outputs.measures_json,
+            figures=existing_figures(settings.output_dir, inputs.subject, inputs.postop_session),
+            inputs={role: bids_uri(p, settings.bids_dir) for role, p in inputs.files.items()},
+            warnings=list(inputs.notes), errors=errors, runtime_s=round(took, 1),
+            device=settings.device if settings.device != "auto" else "auto (cuda when available)")
+    except Exception as exc:  # a report problem must never hide the participant's own result
+        LOG.warning("%s: the report could not be written: %s", inputs.participant_id, exc)
 
 
 def crash_message(node) -> str:
@@ -267,6 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not settings.bids_dir.is_dir():
             raise InputDataError("the BIDS directory does not exist (for containers: is it bind-mounted, "
                                  "e.g. docker -v /path/to/bids:/data:ro?)", settings.bids_dir)
+        if settings.reports_only:
+            from bids_postop.reports.html import rebuild_reports
+
+            reports = rebuild_reports(settings.output_dir)
+            LOG.info("rebuilt %d report(s):\n  %s", len(reports), "\n  ".join(map(str, reports)))
+            return EXIT_OK if reports else EXIT_NO_INPUT
         if settings.analysis_level == "group":
             return run_group(settings)
         return run_participants(settings)

@@ -13,6 +13,7 @@ from typing import Any
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
+from bids_postop.bids.derivatives import bids_uri
 from bids_postop.bids.inputs import ParticipantInputs
 from bids_postop.interfaces.core import (
     ApplyBrainMask,
@@ -23,6 +24,7 @@ from bids_postop.interfaces.core import (
     Segment,
 )
 from bids_postop.interfaces.derivatives import DerivativesSink
+from bids_postop.interfaces.reports import ParticipantReport, ReportFigures
 from bids_postop.segmentation.models import ModelCard
 
 # Same-session scans move only rigidly between series; the pre-op scan needs deformable registration.
@@ -60,6 +62,7 @@ def init_participant_wf(
     for role in fields:
         setattr(inputnode.inputs, role, str(inputs.files[role]))
 
+    figures = pe.Node(ReportFigures(), name="figures", mem_gb=1)
     brain_extraction = pe.Node(BrainExtraction(method=brain_method, device=device, threads=omp_nthreads),
                                name="brain_extraction", mem_gb=2.5)
     segment = pe.Node(Segment(model_folder=str(card.folder), device=device, threads=omp_nthreads,
@@ -87,6 +90,7 @@ def init_participant_wf(
             (resample, skullstrip, [("out_file", "in_file")]),
             (brain_extraction, skullstrip, [("out_file", "mask")]),
             (skullstrip, segment, [("out_file", role)]),
+            (resample, figures, [("out_file", role)]),
         ])
         if role == "preop_t1ce":
             # the brain mask keeps the deformable registration away from skull and cavity differences
@@ -97,6 +101,7 @@ def init_participant_wf(
                     (inputnode, resample_mask, [("postop_t1ce", "reference"), ("preop_mask", "moving")]),
                     (register, resample_mask, [("transforms", "transforms")]),
                     (resample_mask, segment, [("out_file", "preop_mask")]),
+                    (resample_mask, figures, [("out_file", "preop_mask")]),
                 ])
 
     postprocess = pe.Node(PostProcess(threshold=card.threshold, min_component_voxels=min_component_voxels,
@@ -115,4 +120,17 @@ def init_participant_wf(
     ])
     if "preop_mask" in fields:
         workflow.connect(inputnode, "preop_mask", postprocess, "preop_mask")
+
+    ds_report = pe.Node(ParticipantReport(
+        output_dir=str(output_dir), subject=inputs.subject, session=inputs.postop_session,
+        inputs={role: bids_uri(Path(p), bids_dir) for role, p in sources.items()}, warnings=list(inputs.notes)),
+        name="ds_report", run_without_submitting=True)
+    workflow.connect([
+        (inputnode, figures, [("postop_t1ce", "t1ce")]),
+        (postprocess, figures, [("residual_mask", "residual_mask")]),
+        (segment, figures, [("out_file", "probseg")]),
+        (brain_extraction, figures, [("out_file", "brain_mask")]),
+        (figures, ds_report, [("figures", "figures")]),
+        (ds_outputs, ds_report, [("out_files", "out_files")]),
+    ])
     return workflow
