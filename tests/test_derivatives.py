@@ -52,7 +52,7 @@ def test_dataset_description_is_written_once_and_bidsignore_merged(tmp_path):
     write_dataset_description(out, bids)
     assert desc.stat().st_mtime_ns == mtime
     ignore = (out / ".bidsignore").read_text().splitlines()
-    assert ignore[0] == "extra/" and "logs/" in ignore and len(ignore) == len(set(ignore))
+    assert ignore[0] == "extra/" and "logs" in ignore and "sub-*/figures" in ignore and len(ignore) == len(set(ignore))
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):

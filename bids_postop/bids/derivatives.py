@@ -29,7 +29,8 @@ RAW_LINK = "raw"
 SUMMARY_COLUMNS = ("participant_id", "session_id", "site", "config", "model", "residual_volume_ml",
                    "resection_status", "preop_volume_ml", "eor_percent")
 # What BIDS does not define, kept out of validation the way fMRIPrep does for its reports and logs.
-BIDSIGNORE = ("*_measures.tsv", "*_measures.json", "logs/", "*.html", "figures/", "*.toml", "group/",
+# Directory patterns without a trailing slash: the BIDS validator (3.x) does not match "dir/" at any depth.
+BIDSIGNORE = ("*_measures.tsv", "*_measures.json", "logs", "*.html", "figures", "sub-*/figures", "*.toml", "group",
               "group_summary.*")
 
 
