@@ -67,8 +67,8 @@ def make_bids(root: Path, participants: dict[str, dict[str, str | None]], *, sit
         for label, ses in preop_masks.items():
             mask = np.zeros(shape, np.uint8)
             mask[6:12, 8:14, 4:9] = 1
-            write_nifti(deriv / f"sub-{label}" / f"ses-{ses}" / "anat" / f"sub-{label}_ses-{ses}_label-tumor_mask.nii.gz",
-                        mask)
+            anat = deriv / f"sub-{label}" / f"ses-{ses}" / "anat"
+            write_nifti(anat / f"sub-{label}_ses-{ses}_label-tumor_mask.nii.gz", mask)
     return root
 
 

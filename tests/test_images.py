@@ -26,7 +26,7 @@ def test_ras_round_trip_is_exact_and_matches_nibabel_canonical(orientation):
 def test_every_axis_permutation_round_trips():
     for perm in itertools.permutations("RAS"):
         for flips in itertools.product([False, True], repeat=3):
-            codes = "".join({"R": "L", "A": "P", "S": "I"}[c] if f else c for c, f in zip(perm, flips))
+            codes = "".join({"R": "L", "A": "P", "S": "I"}[c] if f else c for c, f in zip(perm, flips, strict=True))
             aff = affine_for(codes)
             data = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
             np.testing.assert_array_equal(from_ras(to_ras(data, aff), aff), data)

@@ -7,8 +7,8 @@ from conftest import make_bids
 
 from bids_postop.bids.inputs import discover
 from bids_postop.configurations import CONFIGURATIONS
-from bids_postop.segmentation.models import read_card, resolve_models
 from bids_postop.errors import ModelError
+from bids_postop.segmentation.models import read_card, resolve_models
 from bids_postop.workflows.base import init_participant_wf
 
 FULL = {
@@ -40,19 +40,19 @@ def test_graph_per_configuration(tmp_path, config, expected, absent):
     [inputs] = discover(root, derivatives={"preop": root / "derivatives" / "preop"}, validate=False)
     card = model_card(tmp_path / "model", config)
     wf = init_participant_wf(inputs=inputs, card=card, output_dir=tmp_path / "out", bids_dir=root)
-    names = set(wf.list_node_names())
+    names = {n.rsplit(".", 1)[-1] for n in wf.list_node_names()}
     assert expected <= names and not (absent & names)
     graph = wf._create_flat_graph()
-    by_name = {n.name: n for n in graph.nodes}
+    by_name = {n.fullname.split(".", 1)[1]: n for n in graph.nodes}  # "inputnode", "channels_wf.register_…"
     # the pre-op mask always reaches post-processing (pre-op volume, EOR), whatever the configuration
     assert any(v.name == "postprocess" for v in graph.successors(by_name["inputnode"]))
     assert by_name["postprocess"].inputs.threshold == 0.4
     if config == "E":
-        kinds = {n: by_name[n].inputs.kind for n in ("register_postop_t1", "register_postop_flair",
-                                                     "register_preop_t1ce")}
+        kinds = {n: by_name[f"channels_wf.{n}"].inputs.kind for n in ("register_postop_t1", "register_postop_flair",
+                                                                      "register_preop_t1ce")}
         assert kinds == {"register_postop_t1": "rigid", "register_postop_flair": "rigid",
                          "register_preop_t1ce": "syn"}
-        assert by_name["resample_preop_mask"].inputs.interpolation == "nearest"
+        assert by_name["channels_wf.resample_preop_mask"].inputs.interpolation == "nearest"
 
 
 def test_model_cards_are_checked(tmp_path):

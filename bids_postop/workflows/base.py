@@ -15,20 +15,11 @@ from nipype.pipeline import engine as pe
 
 from bids_postop.bids.derivatives import bids_uri
 from bids_postop.bids.inputs import ParticipantInputs
-from bids_postop.interfaces.core import (
-    ApplyBrainMask,
-    ApplyTransforms,
-    BrainExtraction,
-    PostProcess,
-    Register,
-    Segment,
-)
+from bids_postop.interfaces.core import PostProcess, Segment
 from bids_postop.interfaces.derivatives import DerivativesSink
 from bids_postop.interfaces.reports import ParticipantReport, ReportFigures
 from bids_postop.segmentation.models import ModelCard
-
-# Same-session scans move only rigidly between series; the pre-op scan needs deformable registration.
-REGISTRATION_KIND = {"postop_t1": "rigid", "postop_flair": "rigid", "preop_t1ce": "syn"}
+from bids_postop.workflows.channels import REGISTRATION_KIND, init_channels_wf
 
 
 def init_participant_wf(
@@ -62,47 +53,20 @@ def init_participant_wf(
     for role in fields:
         setattr(inputnode.inputs, role, str(inputs.files[role]))
 
+    channels_wf = init_channels_wf(roles=used, brain_method=brain_method, device=device,
+                                   omp_nthreads=omp_nthreads)
     figures = pe.Node(ReportFigures(), name="figures", mem_gb=1)
-    brain_extraction = pe.Node(BrainExtraction(method=brain_method, device=device, threads=omp_nthreads),
-                               name="brain_extraction", mem_gb=2.5)
     segment = pe.Node(Segment(model_folder=str(card.folder), device=device, threads=omp_nthreads,
                               use_mirroring=use_mirroring), name="segment", mem_gb=4)
-    skullstrip_postop_t1ce = pe.Node(ApplyBrainMask(), name="skullstrip_postop_t1ce")
     workflow.connect([
-        (inputnode, brain_extraction, [("postop_t1ce", "in_file")]),
-        (inputnode, skullstrip_postop_t1ce, [("postop_t1ce", "in_file")]),
-        (brain_extraction, skullstrip_postop_t1ce, [("out_file", "mask")]),
-        (skullstrip_postop_t1ce, segment, [("out_file", "postop_t1ce")]),
-        (brain_extraction, segment, [("out_file", "brain_mask")]),
+        (inputnode, channels_wf, [(f"{role}", f"inputnode.{role}") for role in used]),
+        (channels_wf, segment, [(f"outputnode.{role}", role) for role in used]),
+        (channels_wf, segment, [("outputnode.brain_mask", "brain_mask")]),
+        (channels_wf, figures, [(f"outputnode.{role}_registered", role) for role in used
+                                if role in REGISTRATION_KIND]),
     ])
-
-    for role in used:
-        if role in ("postop_t1ce", "preop_mask"):
-            continue
-        register = pe.Node(Register(kind=REGISTRATION_KIND[role], threads=omp_nthreads),
-                           name=f"register_{role}", mem_gb=1.5)
-        resample = pe.Node(ApplyTransforms(interpolation="linear"), name=f"resample_{role}")
-        skullstrip = pe.Node(ApplyBrainMask(), name=f"skullstrip_{role}")
-        workflow.connect([
-            (inputnode, register, [("postop_t1ce", "fixed"), (role, "moving")]),
-            (inputnode, resample, [("postop_t1ce", "reference"), (role, "moving")]),
-            (register, resample, [("transforms", "transforms")]),
-            (resample, skullstrip, [("out_file", "in_file")]),
-            (brain_extraction, skullstrip, [("out_file", "mask")]),
-            (skullstrip, segment, [("out_file", role)]),
-            (resample, figures, [("out_file", role)]),
-        ])
-        if role == "preop_t1ce":
-            # the brain mask keeps the deformable registration away from skull and cavity differences
-            workflow.connect(brain_extraction, "out_file", register, "fixed_mask")
-            if "preop_mask" in card.channels:
-                resample_mask = pe.Node(ApplyTransforms(interpolation="nearest"), name="resample_preop_mask")
-                workflow.connect([
-                    (inputnode, resample_mask, [("postop_t1ce", "reference"), ("preop_mask", "moving")]),
-                    (register, resample_mask, [("transforms", "transforms")]),
-                    (resample_mask, segment, [("out_file", "preop_mask")]),
-                    (resample_mask, figures, [("out_file", "preop_mask")]),
-                ])
+    if "preop_mask" in used:
+        workflow.connect(channels_wf, "outputnode.preop_mask", figures, "preop_mask")
 
     postprocess = pe.Node(PostProcess(threshold=card.threshold, min_component_voxels=min_component_voxels,
                                       gtr_cutoff_ml=gtr_cutoff_ml, gtr_inclusive=gtr_inclusive),
@@ -116,7 +80,7 @@ def init_participant_wf(
         (segment, postprocess, [("out_file", "probseg")]),
         (segment, ds_outputs, [("out_file", "probseg")]),
         (postprocess, ds_outputs, [("residual_mask", "residual_mask"), ("measures", "measures")]),
-        (brain_extraction, ds_outputs, [("out_file", "brain_mask")]),
+        (channels_wf, ds_outputs, [("outputnode.brain_mask", "brain_mask")]),
     ])
     if "preop_mask" in fields:
         workflow.connect(inputnode, "preop_mask", postprocess, "preop_mask")
@@ -129,7 +93,7 @@ def init_participant_wf(
         (inputnode, figures, [("postop_t1ce", "t1ce")]),
         (postprocess, figures, [("residual_mask", "residual_mask")]),
         (segment, figures, [("out_file", "probseg")]),
-        (brain_extraction, figures, [("out_file", "brain_mask")]),
+        (channels_wf, figures, [("outputnode.brain_mask", "brain_mask")]),
         (figures, ds_report, [("figures", "figures")]),
         (ds_outputs, ds_report, [("out_files", "out_files")]),
     ])

@@ -1,0 +1,81 @@
+"""The inputs of a model, prepared: registered to the post-op T1w-CE and skull-stripped.
+
+Shared by the participant level and the training data preparation, so that a model sees at inference
+exactly the preprocessing it was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from nipype.interfaces.utility import IdentityInterface
+from nipype.pipeline import engine as pe
+
+from bids_postop.configurations import Role
+from bids_postop.interfaces.core import ApplyBrainMask, ApplyTransforms, BrainExtraction, Register
+
+# Same-session scans move only rigidly between series; the pre-op scan needs deformable registration.
+REGISTRATION_KIND = {"postop_t1": "rigid", "postop_flair": "rigid", "preop_t1ce": "syn"}
+
+
+def init_channels_wf(
+    *,
+    roles: Sequence[Role],
+    brain_method: str = "deepbet",
+    device: str = "auto",
+    omp_nthreads: int = 1,
+    name: str = "channels_wf",
+) -> pe.Workflow:
+    """Register every requested input to the post-op T1w-CE, extract the brain, skull-strip.
+
+    Inputs (``inputnode``): one field per role in ``roles`` (``postop_t1ce`` always; ``preop_mask``
+    needs ``preop_t1ce``, whose transforms it follows with nearest-neighbour interpolation).
+
+    Outputs (``outputnode``): one field per role, on the post-op T1w-CE grid (images skull-stripped,
+    float32; the pre-op mask uint8 0/1); ``brain_mask``; ``<role>_registered`` for each registered image
+    before skull stripping (for the report).
+    """
+    roles = list(dict.fromkeys(["postop_t1ce", *roles]))
+    if "preop_mask" in roles and "preop_t1ce" not in roles:
+        raise ValueError("the pre-op tumour mask needs the pre-op T1w-CE (it follows that scan's registration)")
+    registered = [r for r in roles if r in REGISTRATION_KIND]
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=roles), name="inputnode")
+    outputnode = pe.Node(IdentityInterface(
+        fields=[*roles, "brain_mask", *(f"{r}_registered" for r in registered)]), name="outputnode")
+
+    brain_extraction = pe.Node(BrainExtraction(method=brain_method, device=device, threads=omp_nthreads),
+                               name="brain_extraction", mem_gb=2.5)
+    skullstrip_postop_t1ce = pe.Node(ApplyBrainMask(), name="skullstrip_postop_t1ce")
+    workflow.connect([
+        (inputnode, brain_extraction, [("postop_t1ce", "in_file")]),
+        (inputnode, skullstrip_postop_t1ce, [("postop_t1ce", "in_file")]),
+        (brain_extraction, skullstrip_postop_t1ce, [("out_file", "mask")]),
+        (skullstrip_postop_t1ce, outputnode, [("out_file", "postop_t1ce")]),
+        (brain_extraction, outputnode, [("out_file", "brain_mask")]),
+    ])
+    for role in registered:
+        register = pe.Node(Register(kind=REGISTRATION_KIND[role], threads=omp_nthreads),
+                           name=f"register_{role}", mem_gb=1.5)
+        resample = pe.Node(ApplyTransforms(interpolation="linear"), name=f"resample_{role}")
+        skullstrip = pe.Node(ApplyBrainMask(), name=f"skullstrip_{role}")
+        workflow.connect([
+            (inputnode, register, [("postop_t1ce", "fixed"), (role, "moving")]),
+            (inputnode, resample, [("postop_t1ce", "reference"), (role, "moving")]),
+            (register, resample, [("transforms", "transforms")]),
+            (resample, skullstrip, [("out_file", "in_file")]),
+            (brain_extraction, skullstrip, [("out_file", "mask")]),
+            (skullstrip, outputnode, [("out_file", role)]),
+            (resample, outputnode, [("out_file", f"{role}_registered")]),
+        ])
+        if role == "preop_t1ce":
+            # the brain mask keeps the deformable registration away from skull and cavity differences
+            workflow.connect(brain_extraction, "out_file", register, "fixed_mask")
+            if "preop_mask" in roles:
+                resample_preop_mask = pe.Node(ApplyTransforms(interpolation="nearest"), name="resample_preop_mask")
+                workflow.connect([
+                    (inputnode, resample_preop_mask, [("postop_t1ce", "reference"), ("preop_mask", "moving")]),
+                    (register, resample_preop_mask, [("transforms", "transforms")]),
+                    (resample_preop_mask, outputnode, [("out_file", "preop_mask")]),
+                ])
+    return workflow
