@@ -61,11 +61,15 @@ These are small, derived copies of three public **pre-operative** brain-tumour s
 (`bids_postop-demo`) turns them into *simulated* post-operative cases (`bids_postop.demo.simulate`):
 they are not post-operative scans and nothing here is clinical data.
 
-| folder | origin | terms |
-|---|---|---|
-| tcga-du-7294/ | TCGA-LGG patient TCGA-DU-7294, skull-stripped, SRI24 space; tumour mask = majority vote of five BraTS-2020 algorithms; from github.com/BrainLesion/tutorials, BraTS-Toolkit/data/TCGA-DU-7294/ | TCIA TCGA-LGG collection, CC BY 3.0: cite TCIA (Clark et al., J Digit Imaging 2013) and TCGA; BrainLesion repository Apache-2.0 (LICENSE-BrainLesion-Apache-2.0) |
-| tcga-fg-6692/ | TCGA-LGG patient TCGA-FG-6692 co-registered to SRI24, skull-stripped; fused tumour mask; from github.com/BrainLesion/tutorials, BraTS-Toolkit/data/OtherEXampleFromTCIA/ | as above |
-| brats-met-00110-000/ | BraTS 2023 MET case 00110-000 (brain metastasis); tumour mask predicted by the AURORA model; from github.com/BrainLesion/tutorials, AURORA/ | BraTS-MET data-use terms (cite the BraTS 2023 metastasis challenge papers); repository Apache-2.0 |
+- `tcga-du-7294/`: TCGA-LGG patient TCGA-DU-7294, skull-stripped, SRI24 space; tumour mask = majority
+  vote of five BraTS-2020 algorithms. From github.com/BrainLesion/tutorials,
+  BraTS-Toolkit/data/TCGA-DU-7294/. Terms: TCIA TCGA-LGG collection, CC BY 3.0 — cite TCIA (Clark et
+  al., J Digit Imaging 2013) and TCGA; repository Apache-2.0 (LICENSE-BrainLesion-Apache-2.0).
+- `tcga-fg-6692/`: TCGA-LGG patient TCGA-FG-6692 co-registered to SRI24, skull-stripped; fused tumour
+  mask. From github.com/BrainLesion/tutorials, BraTS-Toolkit/data/OtherEXampleFromTCIA/. Terms: as above.
+- `brats-met-00110-000/`: BraTS 2023 MET case 00110-000 (brain metastasis); tumour mask predicted by the
+  AURORA model. From github.com/BrainLesion/tutorials, AURORA/. Terms: BraTS-MET data-use terms (cite
+  the BraTS 2023 metastasis challenge papers); repository Apache-2.0.
 
 ## What was done (scripts/prepare_demo_sources.py)
 - Kept T1w-CE, T1w (no contrast) and FLAIR; dropped T2w.

@@ -219,7 +219,6 @@ def discover(
             mask = _pick(dlayout.get(**q), "preop_mask", notes)
             if mask is not None:
                 files["preop_mask"] = mask
-                notes.append(f"pre-op tumour mask from derivatives '{name}'")
         if "preop_mask" in files and "preop_t1ce" not in files:
             notes.append("pre-op tumour mask found without a pre-op T1w-CE: both are needed; mask ignored")
             del files["preop_mask"]

@@ -227,6 +227,38 @@ def resample_to_grid(
     return out
 
 
+class GridSampler:
+    """Resample several arrays of one source grid onto the voxels ``within`` a destination grid.
+
+    Faster than :func:`resample_to_grid` when many images share the geometry and only part of the
+    destination (e.g. the brain) matters: source coordinates are computed once; voxels outside
+    ``within`` are 0.
+    """
+
+    def __init__(
+        self,
+        src_affine: np.ndarray,
+        dst_affine: np.ndarray,
+        within: np.ndarray,
+        *,
+        world_transform: np.ndarray | None = None,
+    ) -> None:
+        inv_motion = np.eye(4) if world_transform is None else np.linalg.inv(world_transform)
+        vox = np.linalg.inv(src_affine) @ inv_motion @ dst_affine
+        self.shape = tuple(within.shape)
+        self.index = np.nonzero(within)
+        idx = np.stack(self.index).astype(np.float64)
+        self.coords = vox[:3, :3] @ idx + vox[:3, 3:4]
+
+    def __call__(self, data: np.ndarray, *, order: int) -> np.ndarray:
+        """``data`` on the destination grid (float32 for order ≥ 1, input dtype for order 0)."""
+        src = data if order == 0 else data.astype(np.float32, copy=False)
+        out = np.zeros(self.shape, dtype=src.dtype)
+        out[self.index] = ndimage.map_coordinates(src, self.coords, order=order, mode="constant", cval=0,
+                                                  prefilter=False)
+        return out
+
+
 def to_int16(data: np.ndarray) -> np.ndarray:
     """Round and clip to the int16 range used for images (non-negative)."""
     return np.clip(np.rint(data), 0, INT16_MAX).astype(np.int16)
@@ -326,8 +358,13 @@ def simulate_postop_case(case: RealCase, rng: np.random.Generator, *, residual: 
         "flair": _tissue_median(case.flair, healthy),
     }
 
-    # cavity: the tumour core, possibly dilated by one voxel, kept inside the (eroded) brain
-    cavity0 = core.copy()
+    # cavity: the tumour core plus the real enhancing tumour wall next to it (so that no real
+    # enhancement is left around the cavity unlabelled), possibly dilated by one voxel, kept inside the
+    # (eroded) brain
+    bright = case.tumor_mask & (case.t1ce > 1.5 * med["t1ce"])
+    lab, _ = ndimage.label(core | bright, structure=np.ones((3, 3, 3)))
+    attached = np.isin(lab, np.unique(lab[core]))  # bright tumour connected to the core
+    cavity0 = ndimage.binary_fill_holes(ndimage.binary_closing(attached, iterations=1))
     if rng.random() < 0.5:
         cavity0 = ndimage.binary_dilation(cavity0)
     cavity0 &= ndimage.binary_erosion(brain, iterations=2)
