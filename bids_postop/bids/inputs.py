@@ -210,7 +210,7 @@ def discover(
             pre = query("preop_t1ce", pre_ses, suffix="T1w", ceagent=Query.ANY)
             if pre is not None:
                 files["preop_t1ce"] = pre
-        for name, dlayout in deriv_layouts:
+        for _name, dlayout in deriv_layouts:
             if pre_ses is None or "preop_mask" in files:
                 break
             q = {"subject": subject, "session": pre_ses, "suffix": "mask", "label": "tumor",
