@@ -15,6 +15,8 @@ import io
 import json
 import os
 import shutil
+import socket
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,11 +95,16 @@ def bids_uri(path: Path, bids_dir: Path, *, dataset: str = RAW_LINK) -> str:
 
 # --- atomic writing -------------------------------------------------------------------------------
 
+def unique_token() -> str:
+    """Host, PID and a random part: PIDs repeat across containers (PID 1) and cluster nodes."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def _temp_name(final: Path) -> Path:
     # keep the extension so that writers choosing compression by name (nibabel) still work
     name = final.name
     suffix = ".nii.gz" if name.endswith(".nii.gz") else final.suffix
-    return final.with_name(f".{name}.{os.getpid()}.tmp{suffix}")
+    return final.with_name(f".{name}.{unique_token()}.tmp{suffix}")
 
 
 def atomic_copy(src: Path, dest: Path) -> Path:
@@ -157,7 +164,7 @@ def check_output_dir(output_dir: Path, bids_dir: Path) -> Path:
         raise OutputError(f"{out}: the output directory contains the BIDS dataset; choose a separate folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
+        probe = out / f".write-test-{unique_token()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:

@@ -58,12 +58,14 @@ def settings_from_args(argv: Sequence[str] | None) -> RunSettings:
 def setup_logging(settings: RunSettings) -> Path:
     log_dir = settings.output_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_file = log_dir / f"bids_postop_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.log"
+    from bids_postop.bids.derivatives import unique_token
+
+    log_file = log_dir / f"bids_postop_{time.strftime('%Y%m%d-%H%M%S')}_{unique_token()}.log"
     LOG.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if settings.verbosity > 1 else logging.INFO)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
-    to_file = logging.FileHandler(log_file)
+    to_file = logging.FileHandler(log_file, mode="x")  # never share a log file with another process
     to_file.setLevel(logging.DEBUG)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
     LOG.handlers[:] = [console, to_file]
