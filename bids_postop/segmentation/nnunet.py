@@ -8,6 +8,8 @@ foreground probability comes back on the original grid. Folds found in the model
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -95,9 +97,10 @@ def build_predictor(folder: Path, folds: tuple[int | str, ...], checkpoint: str,
     network = trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
                                                        enable_deep_supervision=False)
     torch_device = torch.device(device)
-    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
-                                perform_everything_on_device=torch_device.type == "cuda", device=torch_device,
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a CUDA notice on every CPU predictor
+        predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                                    perform_everything_on_device=torch_device.type == "cuda", device=torch_device,
+                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                     trainer_name, mirror_axes)
     return predictor
