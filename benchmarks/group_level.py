@@ -1,4 +1,4 @@
-"""Benchmark of the group level on a synthetic cohort (run by hand; results in benchmarks/RESULTS_group.md).
+"""Benchmark of the group level on a synthetic cohort (run by hand; results in benchmarks/RESULTS.md).
 
     python benchmarks/group_level.py --n 1000 --workdir /tmp/bench_group [--reuse] [--medpy 5]
 
