@@ -1,0 +1,369 @@
+"""``bids_postop-train``: train residual-tumour models on a BIDS dataset with manual masks.
+
+parse → discover → hospital folds → data preparation (participant level's registration and brain
+extraction, cached) → per configuration: nnU-Net raw dataset, plan/preprocess, train each fold, threshold on
+the validation folds, model folder + card → participant level on the held-out test site(s) with the new model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bids_postop import __version__
+from bids_postop.errors import EXIT_OK, EXIT_PARTICIPANT_FAILED, EXIT_USAGE, BidsPostopError, UsageError
+
+LOG = logging.getLogger("bids_postop.training")
+
+EPILOG = """\
+folds: sites come from participants.tsv (column site, institution or hospital). The test site(s) are held
+out; the other sites are dealt into --folds folds, largest first, each into the fold with the fewest
+participants so far (ties: site name, then lowest fold): no hospital in two folds. Fewer training sites
+than folds is refused: lower --folds. Written to WORK_DIR/splits.tsv and nnU-Net's splits_final.json.
+
+outputs (WORK_DIR): models/<CONFIG>/ (bids_postop_model.json + nnunet/), splits.tsv, nnunet/{raw,
+preprocessed,results}, prep/ (cached data preparation), test_derivatives/<CONFIG>/ (participant and
+group level on the test site(s)), logs/. Rerunning with the same WORK_DIR resumes: finished data
+preparation and folds with a checkpoint_final.pth are skipped.
+
+exit codes: 0 done; 1 test-set scoring failed for a participant; 64 usage error; 66 no usable input.
+
+example (short CPU run with the demo's tiny network):
+  bids_postop-train /data/bids /scratch/train --manual manual=/data/bids/derivatives/manual \\
+      --config B --test-site oslo --folds 5 --tiny --epochs 5 --iterations 20
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage()
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+def _derivative(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep:
+        path, name = value, Path(value).name
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, Path(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bids_postop-train", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Train residual-tumour segmentation models (nnU-Net v2) on a BIDS dataset with "
+                                 "manual residual masks, with hospital-stratified folds and a held-out test site.")
+    parser.add_argument("bids_dir", type=Path, help="the input BIDS dataset (never modified)")
+    parser.add_argument("work_dir", type=Path, help="where everything is written; reusing it resumes")
+    parser.add_argument("--version", action="version", version=f"bids_postop {__version__}")
+    parser.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0)
+    g = parser.add_argument_group("data")
+    g.add_argument("--manual", type=_derivative, required=True, metavar="NAME=PATH",
+                   help="derivatives dataset of manual residual masks (sub-X/ses-<postop>/anat/"
+                        "sub-X_ses-<postop>[_desc-*]_label-tumor_mask.nii.gz on the post-op T1w-CE grid)")
+    g.add_argument("-d", "--derivatives", nargs="+", type=_derivative, default=[], metavar="NAME=PATH",
+                   help="derivatives datasets, e.g. preop=PATH with pre-operative tumour masks (D, E)")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", default=[], metavar="LABEL")
+    g.add_argument("--postop-session", default="postop", metavar="LABEL")
+    g.add_argument("--preop-session", default="preop", metavar="LABEL")
+    g.add_argument("--skip-bids-validation", action="store_true",
+                   help="do not validate the dataset (pybids indexing only) here and in the test-set scoring")
+    g = parser.add_argument_group("model")
+    g.add_argument("--config", nargs="+", default=["B"], choices=["A", "B", "C", "D", "E"],
+                   help="input configuration(s) to train, one model each (default: B)")
+    g.add_argument("--architecture", default="nnunet", choices=["nnunet", "agunet"],
+                   help="nnunet (default); agunet is not available yet")
+    g.add_argument("--test-site", nargs="+", default=[], metavar="SITE",
+                   help="held-out hospital(s): in no fold, scored with the fold ensemble at the end")
+    g.add_argument("--folds", type=_positive_int, default=5, help="number of hospital folds (default: 5)")
+    g.add_argument("--epochs", type=_positive_int, default=None, help="epochs per fold (default: nnU-Net's 1000)")
+    g.add_argument("--iterations", type=_positive_int, default=None,
+                   help="iterations per epoch (default: nnU-Net's 250)")
+    g.add_argument("--tiny", action="store_true",
+                   help="the demo's tiny network (4 stages, 8–64 features, patch 64³, 1.5 mm): demos and tests")
+    g.add_argument("--brain-method", default="deepbet", choices=["deepbet", "hdbet"])
+    g.add_argument("--no-test-scoring", dest="test_scoring", action="store_false",
+                   help="do not run the participant and group levels on the test site(s)")
+    g = parser.add_argument_group("resources")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where networks run (default: auto = cuda when available)")
+    g.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=min(os.cpu_count() or 1, 8), metavar="N",
+                   help="processes for nnU-Net preprocessing and the test-set scoring (default: CPU count, ≤ 8)")
+    g.add_argument("--omp-nthreads", type=_positive_int, default=None, metavar="N",
+                   help="threads per process (default: nprocs)")
+    return parser
+
+
+def setup_logging(work_dir: Path, verbosity: int) -> Path:
+    log_dir = work_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / f"bids_postop-train_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.log"
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    to_file = logging.FileHandler(log_file)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    LOG.setLevel(logging.DEBUG)
+    LOG.handlers[:] = [console, to_file]
+    LOG.propagate = False
+    return log_file
+
+
+def _configure_nipype(work_dir: Path, verbosity: int) -> None:
+    from nipype import config
+    from nipype import logging as nlogging
+
+    (work_dir / "crashes").mkdir(parents=True, exist_ok=True)
+    config.update_config({
+        "logging": {"workflow_level": "INFO" if verbosity > 0 else "WARNING", "interface_level": "WARNING",
+                    "utils_level": "WARNING", "log_to_file": False},
+        "execution": {"crashdump_dir": str(work_dir / "crashes"), "crashfile_format": "txt",
+                      "stop_on_first_crash": True, "hash_method": "timestamp", "remove_unnecessary_outputs": False,
+                      "create_report": False, "parameterize_dirs": False},
+        "monitoring": {"enabled": False},
+    })
+    nlogging.update_logging(config)
+
+
+def _eta(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def validation_threshold(model_dir: Path, plan, cases, *, device: str, progress=LOG.info) -> dict:
+    """Predict every validation participant with its own fold's model; choose the threshold on them all."""
+    from bids_postop.core.images import load_3d, voxel_sizes
+    from bids_postop.segmentation.models import read_card
+    from bids_postop.segmentation.nnunet import NnUNetOptions, predict_probability
+    from bids_postop.training.datasets import load_label
+    from bids_postop.training.threshold import ValidationCase, choose_threshold
+
+    card = read_card(model_dir)
+    by_id = {c.participant_id: c for c in cases}
+    val_cases = []
+    for fold in range(plan.n_folds):
+        for pid in plan.validation(fold):
+            if pid not in by_id:
+                continue
+            case = by_id[pid]
+            files = [case.channels[r] for r in card.channels]
+            prob = predict_probability(card, files, options=NnUNetOptions(device=device, folds=(fold,)))
+            truth = load_label(case.label, case.channels["postop_t1ce"])
+            ref = load_3d(case.channels["postop_t1ce"])
+            val_cases.append(ValidationCase(prob, truth, voxel_sizes(ref), pid))
+            progress(f"validation prediction: {pid} (fold {fold})")
+    result = choose_threshold(val_cases)
+    result["validation_participants"] = [c.participant_id for c in val_cases]
+    return result
+
+
+def write_card(model_dir: Path, *, config: str, threshold: float, folds: Sequence[int], extra: dict) -> Path:
+    from bids_postop.configurations import CONFIGURATIONS
+    from bids_postop.segmentation.models import CARD_NAME
+
+    card = {
+        "schema_version": 1,
+        "name": f"bids_postop-train-{config}",
+        "description": f"nnU-Net v2 3d_fullres for residual glioblastoma on early post-operative MRI, input "
+                       f"configuration {config}, trained with bids_postop-train {__version__}.",
+        "intended_use": "research; trained with bids_postop-train, not validated for clinical use",
+        "architecture": "nnunet",
+        "configuration": config,
+        "channels": list(CONFIGURATIONS[config]),  # type: ignore[index]
+        "threshold": threshold,
+        "nnunet": {"trained_model_folder": "nnunet", "folds": list(folds), "checkpoint": "checkpoint_final.pth"},
+        **extra,
+    }
+    path = model_dir / CARD_NAME
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
+
+
+def _model_up_to_date(model_dir: Path, data_hash: str, folds: list[int]) -> bool:
+    from bids_postop.segmentation.models import CARD_NAME
+
+    try:
+        card = json.loads((model_dir / CARD_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return (card.get("training", {}).get("data_hash") == data_hash and card["nnunet"]["folds"] == folds
+            and all((model_dir / "nnunet" / f"fold_{k}" / "checkpoint_final.pth").is_file() for k in folds))
+
+
+def train_configuration(config: str, args, cases, plan, command: str) -> Path:
+    """Raw dataset → plan/preprocess → folds → export → threshold → card. Returns the model folder."""
+    from bids_postop.training import nnunet as nn
+    from bids_postop.training.datasets import DATASET_IDS, dataset_name, write_raw_dataset
+
+    work = args.work_dir
+    usable = [c for c in cases if c.has(config) and c.participant_id not in plan.test]
+    ids = {c.participant_id for c in usable}
+    dropped = [a.participant_id for a in plan.assignments if a.fold is not None and a.participant_id not in ids]
+    if dropped:
+        LOG.warning("[%s] not in the training data (inputs or manual mask missing): %s", config, ", ".join(dropped))
+    for fold in range(plan.n_folds):
+        if not any(p in ids for p in plan.validation(fold)):
+            raise UsageError(f"configuration {config}: fold {fold} has no participant with the inputs and a manual "
+                             f"mask; lower --folds or choose another configuration")
+    did = DATASET_IDS[config]
+    raw_dir = work / "nnunet" / "raw" / dataset_name(config)
+    data_hash = write_raw_dataset(raw_dir, config, usable)
+    LOG.info("[%s] nnU-Net raw dataset: %d cases, data hash %s", config, len(usable), data_hash[:12])
+    tiny = nn.TinyNetwork() if args.tiny else None
+    pp = nn.plan_and_preprocess(did, data_hash=data_hash, tiny=tiny, num_processes=min(args.nprocs, 2))
+    splits = [{"train": [p for p in s["train"] if p in ids], "val": [p for p in s["val"] if p in ids]}
+              for s in plan.nnunet_splits()]
+    (pp / "splits_final.json").write_text(json.dumps(splits, indent=1) + "\n")
+    nn.reset_results_if_stale(did, {"data_hash": data_hash, "splits": splits, "tiny": bool(tiny),
+                                    "epochs": args.epochs, "iterations": args.iterations})
+    options = nn.TrainingOptions(device=args.device, epochs=args.epochs, iterations=args.iterations, tiny=tiny)
+    start = time.monotonic()
+    fold_seconds: list[float] = []
+    for fold in range(plan.n_folds):
+        final = nn.results_folder(did) / f"fold_{fold}" / "checkpoint_final.pth"
+        if final.is_file():
+            LOG.info("[%s] fold %d/%d: already trained (%s): skipped", config, fold + 1, plan.n_folds, final)
+            continue
+        LOG.info("[%s] fold %d/%d: training on %d, validating on %d participants", config, fold + 1, plan.n_folds,
+                 len(splits[fold]["train"]), len(splits[fold]["val"]))
+        fold_start = time.monotonic()
+        left = plan.n_folds - fold - 1
+
+        def progress(done: int, total: int, per_epoch: float, fold=fold, left=left) -> None:
+            if done == total or done % max(1, total // 50) == 0:
+                eta_fold = per_epoch * (total - done)
+                eta_all = eta_fold + left * per_epoch * total
+                LOG.info("[%s] fold %d/%d: epoch %d/%d, %.1f s/epoch, ETA fold %s, all folds %s", config, fold + 1,
+                         plan.n_folds, done, total, per_epoch, _eta(eta_fold), _eta(eta_all))
+
+        nn.train_fold(did, fold, options=options, progress=progress)
+        fold_seconds.append(time.monotonic() - fold_start)
+        LOG.info("[%s] fold %d/%d: trained in %s", config, fold + 1, plan.n_folds, _eta(fold_seconds[-1]))
+    model_dir = work / "models" / config
+    folds = list(range(plan.n_folds))
+    if not fold_seconds and _model_up_to_date(model_dir, data_hash, folds):
+        LOG.info("[%s] model %s is up to date (same data, folds trained before): reused", config, model_dir)
+        return model_dir
+    nn.export_model(did, model_dir, folds, mirror_axes=tiny.mirror_axes if tiny else "keep")
+    device = nn.resolve_device(args.device)
+    write_card(model_dir, config=config, threshold=0.5, folds=folds, extra={})  # provisional: read by predictions
+    thr = validation_threshold(model_dir, plan, usable, device=device)
+    LOG.info("[%s] threshold %.2f (%s)", config, thr["threshold"], thr["how"])
+    write_card(model_dir, config=config, threshold=thr["threshold"], folds=folds, extra={
+        "threshold_selection": thr,
+        "training": {
+            "command": command, "date": _dt.date.today().isoformat(), "bids_dir": str(args.bids_dir),
+            "data_hash": data_hash, "n_cases": len(usable), "tiny_network": tiny.__dict__ if tiny else None,
+            "epochs": args.epochs or "nnU-Net default (1000)", "iterations": args.iterations or
+            "nnU-Net default (250)", "device": device,
+            "folds": [{"fold": k, "sites": sorted(s for s, f in plan.site_folds.items() if f == k),
+                       "validation": splits[k]["val"]} for k in folds],
+            "test_sites": list(plan.test_sites), "test_participants": plan.test,
+            "training_seconds_this_run": round(time.monotonic() - start), "versions": nn.versions(),
+            "bids_postop_version": __version__,
+        },
+    })
+    LOG.info("[%s] model written: %s", config, model_dir)
+    return model_dir
+
+
+def score_test_set(args, config: str, model_dir: Path, plan) -> int:
+    """Participant level (new model) and group level (metrics) on the held-out participants."""
+    from bids_postop.cli.run import main as run_main
+
+    out = args.work_dir / "test_derivatives" / config
+    common = ["--skip-bids-validation"] if args.skip_bids_validation else []
+    derivs = [f"{n}={p}" for n, p in args.derivatives]
+    argv = [str(args.bids_dir), str(out), "participant", "--participant-label", *plan.test, "--model",
+            str(model_dir), "--config", config, "-w", str(args.work_dir / "test_work"), "--device", args.device,
+            "--postop-session", args.postop_session, "--preop-session", args.preop_session,
+            "--nprocs", str(args.nprocs), "--brain-method", args.brain_method, *common,
+            *(["-d", *derivs] if derivs else [])]
+    LOG.info("[%s] test set (%s): bids_postop %s", config, ", ".join(plan.test_sites), shlex.join(argv))
+    code = run_main(argv)
+    name, path = args.manual
+    name = name if name.startswith("manual") else f"manual_{name}"  # the group level's naming rule
+    group = run_main([str(args.bids_dir), str(out), "group", "-d", f"{name}={path}", *common])
+    LOG.info("[%s] test set: participant level exit %d, group level exit %d (%s)", config, code, group, out)
+    return code or group
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.bids_dir = args.bids_dir.expanduser().resolve()
+    args.work_dir = args.work_dir.expanduser().resolve()
+    args.manual = (args.manual[0], args.manual[1].expanduser().resolve())
+    args.omp_nthreads = args.omp_nthreads or args.nprocs
+    command = shlex.join(["bids_postop-train", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        if args.architecture != "nnunet":
+            raise UsageError(f"--architecture {args.architecture}: not available yet (only nnunet can be trained "
+                             f"in this version)")
+        if not args.manual[1].is_dir():
+            raise UsageError(f"--manual {args.manual[1]}: not a directory")
+        return run(args, command)
+    except BidsPostopError as exc:
+        print(f"bids_postop-train: error: {exc}", file=sys.stderr)
+        if LOG.handlers:
+            LOG.error("%s", exc)
+        return exc.exit_code
+
+
+def run(args, command: str) -> int:
+    from bids_postop.bids.inputs import discover
+    from bids_postop.training.datasets import prepare_cases
+    from bids_postop.training.nnunet import set_nnunet_paths
+    from bids_postop.training.splits import make_splits, write_splits
+    from bids_postop.workflows.preflight import check_participant_inputs
+
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    log_file = setup_logging(work, args.verbosity)
+    LOG.info("%s (log: %s)", command, log_file)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.omp_nthreads)
+    os.environ["OMP_NUM_THREADS"] = str(args.omp_nthreads)
+    set_nnunet_paths(work / "nnunet")
+    participants = discover(args.bids_dir, participant_labels=args.participant_label,
+                            postop_session=args.postop_session, preop_session=args.preop_session,
+                            derivatives=dict(args.derivatives), validate=not args.skip_bids_validation)
+    participants = [check_participant_inputs(p) for p in participants]
+    for p in participants:
+        for note in p.notes:
+            LOG.warning("%s: %s", p.participant_id, note)
+    plan = make_splits({p.participant_id: p.site for p in participants}, n_folds=args.folds,
+                       test_sites=args.test_site)
+    write_splits(plan, tsv=work / "splits.tsv")
+    LOG.info("hospital folds (%s):\n%s", work / "splits.tsv", plan.describe())
+    if not args.test_site:
+        LOG.warning("no --test-site: every site is in the folds and nothing is held out for testing")
+    _configure_nipype(work, args.verbosity)
+    training = [p for p in participants if p.participant_id not in set(plan.test)]
+    cases = prepare_cases(training, configs=args.config, manual_root=args.manual[1], work_dir=work / "prep",
+                          brain_method=args.brain_method, device=args.device, omp_nthreads=args.omp_nthreads)
+    models = {config: train_configuration(config, args, cases, plan, command) for config in args.config}
+    LOG.info("models: %s (use: bids_postop BIDS_DIR OUT participant --model %s)",
+             ", ".join(str(m) for m in models.values()), work / "models")
+    code = EXIT_OK
+    if args.test_scoring and plan.test:
+        for config, model_dir in models.items():
+            code = score_test_set(args, config, model_dir, plan) or code
+    return EXIT_OK if code == EXIT_OK else EXIT_PARTICIPANT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""End to end: ``bids_postop-train`` with the tiny network on a simulated 3-site dataset (slow: minutes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_postop.cli.train import main as train_main
+from bids_postop.demo.dataset import write_demo_dataset
+from bids_postop.segmentation.models import read_card, resolve_models
+
+SITES = {"sub-01": "north", "sub-02": "north", "sub-03": "south", "sub-04": "south",
+         "sub-05": "east", "sub-06": "east"}
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+@pytest.mark.slow
+def test_train_tiny_nnunet_config_a(tmp_path):
+    import torch
+
+    bids = tmp_path / "bids"
+    write_demo_dataset(bids, seed=5, n_participants=6)
+    # the demo has two sites; relabel into three hospitals (geometry stays per participant)
+    rows = _rows(bids / "participants.tsv")
+    with (bids / "participants.tsv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**r, "site": SITES[r["participant_id"]]} for r in rows)
+    work = tmp_path / "train"
+    argv = [str(bids), str(work), "--manual", f"manual={bids / 'derivatives' / 'manual'}", "--config", "A",
+            "--tiny", "--epochs", "1", "--iterations", "3", "--folds", "2", "--test-site", "east",
+            "--skip-bids-validation", "--device", "cpu", "--nprocs", "1"]
+    assert train_main(argv) == 0
+
+    # hospital folds: balanced, no site in two folds, the test site in none
+    splits = _rows(work / "splits.tsv")
+    folds_of_site: dict[str, set[str]] = {}
+    for r in splits:
+        folds_of_site.setdefault(r["site"], set()).add(r["fold"])
+    assert all(len(f) == 1 for f in folds_of_site.values())
+    assert folds_of_site["east"] == {"test"}
+    assert sorted(folds_of_site["north"] | folds_of_site["south"]) == ["0", "1"]
+    nn_splits = json.loads(next((work / "nnunet" / "preprocessed").glob("Dataset951_*/splits_final.json")).read_text())
+    assert [len(s["val"]) for s in nn_splits] == [2, 2]
+    assert not {"sub-05", "sub-06"} & {p for s in nn_splits for p in s["train"] + s["val"]}
+
+    # model folder + card, stripped checkpoints
+    model = work / "models" / "A"
+    card = read_card(model)
+    assert card.configuration == "A" and card.channels == ("postop_t1ce",) and 0 < card.threshold < 1
+    raw = json.loads((model / "bids_postop_model.json").read_text())
+    assert raw["nnunet"]["folds"] == [0, 1] and len(raw["training"]["data_hash"]) == 64
+    for fold in (0, 1):
+        ck = torch.load(model / "nnunet" / f"fold_{fold}" / "checkpoint_final.pth", weights_only=True)
+        assert "optimizer_state" not in ck and ck["trainer_name"] == "nnUNetTrainer"
+    assert [c.configuration for c in resolve_models(work / "models")] == ["A"]
+
+    # the participant level ran the new model on the test site: masks exactly on the post-op T1w-CE grid
+    for sub in ("sub-05", "sub-06"):
+        t1ce = next((bids / sub / "ses-postop" / "anat").glob("*_ce-*_T1w.nii.gz"))
+        anat = work / "test_derivatives" / "A" / sub / "ses-postop" / "anat"
+        masks = list(anat.glob("*_desc-residual_mask.nii.gz"))
+        assert len(masks) == 1
+        ref, out = nib.load(t1ce), nib.load(masks[0])
+        assert out.shape == ref.shape
+        assert np.array_equal(out.affine, ref.affine)
+
+    # resumable: a rerun skips finished folds and preprocessing
+    log_before = set((work / "logs").glob("*.log"))
+    assert train_main([*argv, "--no-test-scoring"]) == 0
+    new_log = next(iter(set((work / "logs").glob("*.log")) - log_before)).read_text()
+    assert "already trained" in new_log and "reused" in new_log
