@@ -10,9 +10,7 @@ headers can be as broken as the ones found in the wild: zero, singular, NaN, hug
 affines and pixdims, any sform/qform code, quaternions out of range, NaN/Inf scaling, data types from uint8
 to complex and RGB, 1-voxel axes, 4-D and 5-D shapes, truncated data.
 
-Known library bugs found by this fuzzing are pinned by ``xfail(strict=True)`` tests at the end (each with its
-minimal example): when one is fixed its test passes, strict xfail turns that into a failure, and the xfail
-marker (and the matching exclusion in the strategies, ``KNOWN_BUG_…``) is to be removed.
+Library bugs this fuzzing found are kept as regression tests at the end, each with its minimal example.
 """
 
 from __future__ import annotations
@@ -46,12 +44,11 @@ FUZZ = settings(deadline=None, max_examples=LONG_HUNT or 150, derandomize=not LO
 FUZZ_DISCOVER = settings(deadline=None, max_examples=LONG_HUNT // 10 or 25, derandomize=not LONG_HUNT,
                          database=None, suppress_health_check=_HEALTH)
 
-# NIfTI datatype codes → numpy dtypes written for them. 128 (RGB24) and 2304 (RGBA32) are excluded from the
-# general strategy because of a known bug (test_rgb_image_is_refused_not_crashed below).
+# NIfTI datatype codes → numpy dtypes written for them. 128 (RGB24) and 2304 (RGBA32) have their own test below.
 DTYPE_CODES = {2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 64: np.float64, 32: np.complex64,
                256: np.int8, 512: np.uint16, 768: np.uint32, 1024: np.int64, 1280: np.uint64, 1792: np.complex128,
                1: np.uint8}  # 1 = DT_BINARY (bool), written as bytes: nibabel must refuse or read it
-KNOWN_BUG_DTYPE_CODES = {128: [("R", "u1"), ("G", "u1"), ("B", "u1")],
+RGB_DTYPE_CODES = {128: [("R", "u1"), ("G", "u1"), ("B", "u1")],
                          2304: [("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")]}
 SPECIAL_FLOATS = [0.0, -0.0, 1.0, -1.0, 1e-30, 1e30, -1e30, 3.4e38, np.nan, np.inf, -np.inf]
 
@@ -162,10 +159,9 @@ def sane_header_fields(draw) -> dict:
 header_fields = st.one_of(sane_header_fields(), broken_header_fields())
 
 
-# Shapes: 3 to 5 axes, 1-voxel axes included, around the 8-voxel minimum. Zero-length axes are excluded
-# because of a known bug (test_zero_length_axis_mask_is_refused_not_crashed below).
+# Shapes: 3 to 5 axes, 0- and 1-voxel axes included, around the 8-voxel minimum.
 shapes = st.one_of(st.lists(st.sampled_from([8, 9, 11]), min_size=3, max_size=3),
-                   st.lists(st.sampled_from([1, 2, 7, 8, 9, 11]), min_size=3, max_size=5)).map(tuple)
+                   st.lists(st.sampled_from([0, 1, 2, 7, 8, 9, 11]), min_size=3, max_size=5)).map(tuple)
 
 
 @st.composite
@@ -205,8 +201,7 @@ def nifti_files(draw, directory: Path) -> Path:
     data, code = draw(voxel_arrays(shape))
     fields = draw(header_fields)
     name = f"img_{draw(st.integers(0, 10**9))}.nii{'.gz' if draw(st.booleans()) else ''}"
-    # a truncated 4-D image with one volume is excluded: known bug (test_truncated_4d_singleton_… below)
-    truncate = draw(st.integers(0, 19)) == 0 and not (len(shape) == 4 and shape[3] == 1)
+    truncate = draw(st.integers(0, 19)) == 0
     return write_raw_nifti(directory / name, data, fields, datatype=code, truncate=truncate)
 
 
@@ -253,8 +248,7 @@ def test_image_checks_accept_or_raise_input_data_error(scratch, data):
 # --- post-processing -----------------------------------------------------------------------------------------
 
 @FUZZ
-# axes of 2 voxels or more: a 1-voxel axis hits a known bug (test_postprocess_with_a_1_voxel_axis below)
-@given(shape=st.lists(st.integers(2, 14), min_size=3, max_size=3).map(tuple),
+@given(shape=st.lists(st.integers(1, 14), min_size=3, max_size=3).map(tuple),
        dtype=st.sampled_from([np.float32, np.float64]),
        layout=st.sampled_from(["C", "F", "strided"]),
        seed=st.integers(0, 2**16), sparsity=st.floats(0, 1), with_nan=st.booleans(),
@@ -314,10 +308,11 @@ def file_names(draw, sub: str, ses: str | None) -> str:
     return name
 
 
-# participants.tsv contents: UTF-8 text, participant_id first, no extra cells, because of known bugs
-# (test_participants_tsv_not_utf8 / _missing_participant_id / _extra_cell below).
+# participants.tsv contents, including rows with missing or extra cells and a byte-order mark
 participants_tsv = st.one_of(
     st.none(),
+    st.sampled_from(["\ufeffparticipant_id\tsite\nsub-01\tnorth\n", "participant_id\tsite\nsub-01\tnorth\t\n",
+                     "site\tparticipant_id\nnorth\n"]),
     st.lists(st.tuples(st.text("0123abc-", max_size=5), st.text("naorth/ ", max_size=6)), max_size=4).map(
         lambda rows: "participant_id\tsite\n" + "".join(f"sub-{a}\t{b}\n" for a, b in rows)),
     st.sampled_from(["", "participant_id\n", "participant_id\tinstitution\nsub-01\n", "garbage"]),
@@ -379,28 +374,19 @@ def test_discover_raises_only_documented_errors(scratch, data, validate, session
         shutil.rmtree(root, ignore_errors=True)
 
 
-# --- known bugs, each with its minimal example (xfail strict: fixing one makes its test fail as XPASS) ------
+# --- regressions: bugs this fuzzing found, each with its minimal example (fixed) -------------------------
 
 def _plain(path: Path, data: np.ndarray) -> Path:
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
     return path
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BUG: load_binary_mask on an image with a zero-length axis raises ValueError ('zero-size array to "
-    "reduction operation minimum') from data.min(); load_3d accepts shape (9, 0, 9). Fix: load_3d should "
-    "raise InputDataError when any axis has 0 voxels (0 in shape)."))
 def test_zero_length_axis_mask_is_refused_not_crashed(tmp_path):
     path = _plain(tmp_path / "mask.nii.gz", np.zeros((9, 0, 9), np.uint8))
     with pytest.raises(InputDataError):
         load_binary_mask(path, what="mask")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG: an RGB24 NIfTI (datatype 128, structured dtype) passes load_3d, then check_image's data.max() "
-    "raises numpy UFuncTypeError (a TypeError) and the whole run stops with a traceback. Fix: load_3d should "
-    "raise InputDataError unless the on-disk dtype is a real number (np.issubdtype(dtype, np.number) and not "
-    "complex), i.e. before reading the data."))
 def test_rgb_image_is_refused_not_crashed(tmp_path):
     rgb = np.zeros((9, 9, 9), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
     path = _plain(tmp_path / "rgb.nii.gz", rgb)
@@ -410,10 +396,6 @@ def test_rgb_image_is_refused_not_crashed(tmp_path):
         load_binary_mask(path, what="mask")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: complex images are accepted by load_3d and check_image (NaN included: the NaN check only looks at "
-    "float dtypes), and fail later inside registration/inference. Fix: in load_3d, refuse complex (and any "
-    "non-real) dtypes with an InputDataError ('the image holds complex values')."))
 def test_complex_image_is_refused(tmp_path):
     data = (np.random.default_rng(0).normal(size=(9, 9, 9)) + 1j).astype(np.complex64)
     data[0, 0, 0] = np.nan
@@ -422,11 +404,6 @@ def test_complex_image_is_refused(tmp_path):
         load_3d(path, what="image")
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=(
-    "BUG: load_3d squeezes a 4-D image with one volume by reading its data (images.py, "
-    "np.asanyarray(img.dataobj)[..., 0]) outside the try that turns read errors into InputDataError: a "
-    "truncated (9, 9, 9, 1) file raises OSError ('Expected 2916 bytes, got 1282 bytes') and the run stops with "
-    "a traceback. Fix: read the data once, inside that try, before squeezing (or wrap the squeeze in it)."))
 def test_truncated_4d_singleton_is_refused_not_crashed(tmp_path):
     path = _plain(tmp_path / "single.nii", np.zeros((9, 9, 9, 1), np.float32))
     path.write_bytes(path.read_bytes()[:2000])
@@ -434,12 +411,6 @@ def test_truncated_4d_singleton_is_refused_not_crashed(tmp_path):
         load_3d(path, what="image")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "BUG (cc3d 4.1.1, 26-connectivity): connected_components raises RuntimeError('maximum length exception') "
-    "on masks with a 1-voxel axis and two voxels one apart, e.g. shape (1, 1, 3) = [1, 0, 1] or (3, 1, 3); so "
-    "postprocess_probability raises. Not reachable from the CLI (check_image needs 8 voxels per axis), but "
-    "the function is public. Fix: in core/postprocess.py run cc3d on np.pad(mask, 1) and crop the result "
-    "([1:-1, 1:-1, 1:-1]); padding with background changes no component (checked on 20 000 random masks)."))
 def test_postprocess_with_a_1_voxel_axis():
     prob = np.array([0.9, 0.0, 0.9], np.float32).reshape(1, 1, 3)
     mask, measures = postprocess_probability(prob, (1.0, 1.0, 1.0), threshold=0.5, min_component_voxels=0)
@@ -455,11 +426,6 @@ def _one_participant_tree(root: Path, tsv: bytes) -> Path:
     return root
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason=(
-    "BUG: a participants.tsv that is not UTF-8 (Latin-1 'Hôpital', common from spreadsheets) makes discover "
-    "raise UnicodeDecodeError in inputs.read_sites: traceback, exit 1. Fix: read it with "
-    "encoding='utf-8-sig', and on UnicodeDecodeError raise InputDataError naming participants.tsv (or fall "
-    "back to errors='replace' with a warning)."))
 def test_participants_tsv_not_utf8(tmp_path):
     root = _one_participant_tree(tmp_path / "bids", "participant_id\tsite\nsub-01\tH\xf4pital\n".encode("latin-1"))
     try:
@@ -469,31 +435,18 @@ def test_participants_tsv_not_utf8(tmp_path):
     assert p.site is not None
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "BUG: a participants.tsv row without a participant_id cell (participant_id not the first column, short "
-    "row) makes read_sites call None.strip(): AttributeError. Fix: skip rows whose participant_id is None or "
-    "empty in read_sites."))
 def test_participants_tsv_missing_participant_id(tmp_path):
     root = _one_participant_tree(tmp_path / "bids", b"site\tparticipant_id\nnorth\nsouth\tsub-01\n")
     [p] = discover(root, validate=False)
     assert p.site == "south"
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "BUG: a participants.tsv row with more cells than the header (a trailing tab, common from spreadsheets) "
-    "gives csv.DictReader a None key, and read_sites calls None.lower() on it: AttributeError. Fix: build "
-    "the column map from DictReader.fieldnames (not rows[0]), e.g. columns = {c.lower(): c for c in "
-    "reader.fieldnames or [] if c}."))
 def test_participants_tsv_extra_cell(tmp_path):
     root = _one_participant_tree(tmp_path / "bids", b"participant_id\tsite\nsub-01\tnorth\t\n")
     [p] = discover(root, validate=False)
     assert p.site == "north"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (silent): a participants.tsv saved with a UTF-8 byte-order mark (Excel 'CSV UTF-8') has the header "
-    "'\\ufeffparticipant_id', so read_sites finds no participant_id column and every site is lost without a "
-    "word. Fix: open participants.tsv with encoding='utf-8-sig'."))
 def test_participants_tsv_with_bom_keeps_sites(tmp_path):
     root = _one_participant_tree(tmp_path / "bids", "\ufeffparticipant_id\tsite\nsub-01\tnorth\n".encode())
     [p] = discover(root, validate=False)

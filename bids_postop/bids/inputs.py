@@ -88,20 +88,33 @@ def load_bids_filters(path: str | Path | None) -> dict[Role, dict[str, Any]]:
 
 
 def read_sites(bids_dir: Path) -> dict[str, str]:
-    """participant label (no ``sub-``) → site, from participants.tsv; empty when there is none."""
+    """participant label (no ``sub-``) → site, from participants.tsv; empty when there is none.
+
+    UTF-8 with or without a byte-order mark (as spreadsheet programs write it); rows with missing or
+    extra cells are tolerated.
+    """
     tsv = bids_dir / "participants.tsv"
     if not tsv.is_file():
         return {}
-    with tsv.open(newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    if not rows:
-        return {}
-    columns = {c.lower(): c for c in rows[0]}
+    try:
+        with tsv.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter="\t")
+            fields = [f for f in (reader.fieldnames or []) if f is not None]
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise InputDataError(f"participants.tsv is not UTF-8 text ({exc.reason} at byte {exc.start}); save it "
+                             f"as UTF-8", tsv) from exc
+    columns = {c.strip().lower(): c for c in fields}
     column = next((columns[c] for c in ("site", "institution", "hospital") if c in columns), None)
-    if column is None or "participant_id" not in rows[0]:
+    if column is None or "participant_id" not in columns:
         return {}
-    return {normalize_label(r["participant_id"]): r[column] for r in rows
-            if r.get(column) not in (None, "", "n/a")}
+    id_column = columns["participant_id"]
+    sites = {}
+    for row in rows:
+        label, site = row.get(id_column), row.get(column)
+        if label and site not in (None, "", "n/a"):
+            sites[normalize_label(label)] = site
+    return sites
 
 
 def _pick(files: Sequence[Any], role: Role, notes: list[str]) -> Path | None:

@@ -212,13 +212,21 @@ def final_report(settings: RunSettings, inputs, card, took: float, errors: list[
 
     outputs = SessionOutputs.for_source(settings.output_dir, inputs.files["postop_t1ce"], inputs.subject,
                                         inputs.postop_session)
+    warnings = list(inputs.notes)
+    if not failed and outputs.measures_json.exists():
+        import json
+
+        notes = json.loads(outputs.measures_json.read_text()).get("measures", {}).get("notes", [])
+        for note in notes:
+            LOG.warning("%s: %s", inputs.participant_id, note)
+        warnings += notes
     try:
         render_participant_report(
             settings.output_dir, inputs.subject, inputs.postop_session,
             measures_json=None if failed or not outputs.measures_json.exists() else outputs.measures_json,
             figures=existing_figures(settings.output_dir, inputs.subject, inputs.postop_session),
             inputs={role: bids_uri(p, settings.bids_dir) for role, p in inputs.files.items()},
-            warnings=list(inputs.notes), errors=errors, runtime_s=round(took, 1),
+            warnings=warnings, errors=errors, runtime_s=round(took, 1),
             device=settings.device if settings.device != "auto" else "auto (cuda when available)")
     except Exception as exc:  # a report problem must never hide the participant's own result
         LOG.warning("%s: the report could not be written: %s", inputs.participant_id, exc)

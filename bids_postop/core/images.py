@@ -33,12 +33,18 @@ def load_3d(path: str | Path, *, what: str = "image") -> nib.Nifti1Image:
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputDataError(f"the {what} is not a NIfTI image ({type(img).__name__})", path)
     shape = img.shape
+    if 0 in shape:
+        raise InputDataError(f"the {what} has shape {shape}: an axis without voxels", path)
     if len(shape) == 4 and shape[3] == 1:
-        img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
+        pass  # a 4-D image holding one volume is a 3-D image
     elif len(shape) != 3:
         raise InputDataError(
             f"the {what} has shape {shape}; a 3-D image (or a 4-D image with one volume) is needed", path
         )
+    dtype = img.get_data_dtype()
+    if dtype.names is not None or not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise InputDataError(f"the {what} has voxel type {dtype} (RGB or complex?); real-valued voxels are needed",
+                             path)
     affine = img.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputDataError(f"the {what} has an invalid (non-invertible) affine:\n{affine}", path)
@@ -47,9 +53,13 @@ def load_3d(path: str | Path, *, what: str = "image") -> nib.Nifti1Image:
     except Exception as exc:
         raise InputDataError(f"the {what}'s voxel data cannot be read (truncated or corrupt file?): {exc}",
                              path) from exc
+    if data.ndim == 4:
+        data = data[..., 0]
+    if np.issubdtype(data.dtype, np.complexfloating) or not np.issubdtype(data.dtype, np.number):
+        raise InputDataError(f"the {what}'s voxels are of type {data.dtype}; real-valued voxels are needed", path)
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         raise InputDataError(f"the {what} holds NaN or infinite voxels", path)
-    return nib.Nifti1Image(data, affine, img.header) if not isinstance(img, nib.Nifti1Image) else img
+    return nib.Nifti1Image(data, affine, img.header)
 
 
 def voxel_sizes(img: nib.spatialimages.SpatialImage) -> tuple[float, float, float]:

@@ -36,7 +36,10 @@ def remove_small_components(mask: np.ndarray, *, min_voxels: int = MIN_COMPONENT
     mask = np.asarray(mask, dtype=bool)
     if min_voxels <= 1 or not mask.any():
         return mask.copy()
-    return cc3d.dust(mask, threshold=min_voxels, connectivity=connectivity, in_place=False).astype(bool)
+    # a one-voxel border: cc3d 4.1.1 fails ("maximum length exception") on arrays with a 1-voxel axis
+    padded = np.pad(mask, 1)
+    kept = cc3d.dust(padded, threshold=min_voxels, connectivity=connectivity, in_place=False)
+    return kept[1:-1, 1:-1, 1:-1].astype(bool)
 
 
 def volume_ml(mask: np.ndarray, voxel_sizes_mm: tuple[float, float, float]) -> float:
@@ -67,6 +70,14 @@ def extent_of_resection(preop_ml: float | None, residual_ml: float) -> float | N
     return 100.0 * (preop_ml - residual_ml) / preop_ml
 
 
+def _count_components(mask: np.ndarray) -> int:
+    import cc3d
+
+    if not mask.any():
+        return 0
+    return int(cc3d.connected_components(np.pad(mask, 1), connectivity=26, return_N=True)[1])
+
+
 @dataclass(frozen=True)
 class ResidualMeasures:
     """What post-processing reports for one post-operative session."""
@@ -82,6 +93,7 @@ class ResidualMeasures:
     gtr_rule: str
     preop_volume_ml: float | None
     eor_percent: float | None
+    notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -97,13 +109,17 @@ def postprocess_probability(probability: np.ndarray, voxel_sizes_mm: tuple[float
     ``voxel_sizes_mm`` are that grid's voxel sizes. Returns the uint8 residual mask (same shape) and
     the measures.
     """
-    import cc3d
-
     above = binarize(probability, threshold)
     kept = remove_small_components(above, min_voxels=min_component_voxels)
-    n_before = int(cc3d.connected_components(above, connectivity=26, return_N=True)[1]) if above.any() else 0
-    n_after = int(cc3d.connected_components(kept, connectivity=26, return_N=True)[1]) if kept.any() else 0
+    n_before, n_after = _count_components(above), _count_components(kept)
     residual = volume_ml(kept, voxel_sizes_mm)
+    notes = []
+    smallest_kept_ml = min_component_voxels * float(np.prod(voxel_sizes_mm)) / 1000.0
+    if min_component_voxels > 1 and smallest_kept_ml >= cutoff_ml:
+        # coarse voxels: the speck filter alone can turn a residual above the GTR cut-off into "GTR"
+        notes.append(f"voxels of {np.prod(voxel_sizes_mm):.2f} mm3: components under {min_component_voxels} voxels "
+                     f"({smallest_kept_ml:.3f} ml) are removed, which is at or above the GTR cut-off of "
+                     f"{cutoff_ml} ml; GTR calls on this grid are unreliable")
     measures = ResidualMeasures(
         threshold=float(threshold),
         min_component_voxels=int(min_component_voxels),
@@ -116,5 +132,6 @@ def postprocess_probability(probability: np.ndarray, voxel_sizes_mm: tuple[float
         gtr_rule=f"GTR if residual {'<=' if gtr_inclusive else '<'} {cutoff_ml} ml",
         preop_volume_ml=preop_volume_ml,
         eor_percent=extent_of_resection(preop_volume_ml, residual),
+        notes=tuple(notes),
     )
     return kept.astype(np.uint8), measures
