@@ -41,7 +41,7 @@ def descriptor() -> dict:
                 entry["command-line-flag"] = "-v"
         else:
             entry["type"] = "File" if ident in ("bids_dir", "bids_filter_file") else "String"
-            if action.type in (int,) or getattr(action.type, "__name__", "") == "_positive_int":
+            if action.type in (int,) or getattr(action.type, "__name__", "") == "positive_int":
                 entry["type"] = "Number"
                 entry["integer"] = True
             elif action.type is float:

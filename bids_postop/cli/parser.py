@@ -23,7 +23,7 @@ example:
 """
 
 
-class _Parser(argparse.ArgumentParser):
+class BidsAppParser(argparse.ArgumentParser):
     """argparse exits with 2 on usage errors; BIDS apps here document 64 (EX_USAGE)."""
 
     def error(self, message: str):  # type: ignore[override]
@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -60,7 +60,7 @@ def _memory_gb(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = BidsAppParser(
         prog="bids_postop",
         description="Residual glioblastoma in early post-operative MRI: registration, brain extraction, "
                     "residual-tumour segmentation, GTR/RT and extent of resection, as BIDS derivatives.",
@@ -118,16 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "column of participants.tsv")
     g.add_argument("--compare", nargs="+", type=_derivative, default=[], metavar="NAME=PATH",
                    help="other models' bids_postop derivatives to compare with (Tukey HSD, Mann-Whitney U)")
-    g.add_argument("--n-bootstrap", type=_positive_int, default=2000, metavar="N",
+    g.add_argument("--n-bootstrap", type=positive_int, default=2000, metavar="N",
                    help="bootstrap resamples for BCa confidence intervals (default: 2000)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap (default: 0)")
 
     g = parser.add_argument_group("resources")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                    help="intermediate files; reusing it resumes a run (default: ./work)")
-    g.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=min(os.cpu_count() or 1, 8),
+    g.add_argument("--nprocs", "--n-cpus", type=positive_int, default=min(os.cpu_count() or 1, 8),
                    metavar="N", help="processes run at once (default: CPU count, at most 8)")
-    g.add_argument("--omp-nthreads", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--omp-nthreads", type=positive_int, default=None, metavar="N",
                    help="threads per process (default: nprocs)")
     g.add_argument("--mem", "--mem-gb", dest="mem_gb", type=_memory_gb, default=None, metavar="SIZE",
                    help="memory limit for scheduling steps, e.g. 16G")

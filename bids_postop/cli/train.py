@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bids_postop import __version__
-from bids_postop.errors import EXIT_OK, EXIT_PARTICIPANT_FAILED, EXIT_USAGE, BidsPostopError, UsageError
+from bids_postop.cli.parser import BidsAppParser, positive_int
+from bids_postop.errors import EXIT_OK, EXIT_PARTICIPANT_FAILED, BidsPostopError, UsageError
 
 LOG = logging.getLogger("bids_postop.training")
 
@@ -42,19 +43,6 @@ example (short CPU run with the demo's tiny network):
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.print_usage()
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
 def _derivative(value: str) -> tuple[str, Path]:
     name, sep, path = value.partition("=")
     if not sep:
@@ -65,8 +53,9 @@ def _derivative(value: str) -> tuple[str, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bids_postop-train", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                     description="Train residual-tumour segmentation models (nnU-Net v2) on a BIDS dataset with "
+    parser = BidsAppParser(prog="bids_postop-train", epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Train residual-tumour segmentation models (nnU-Net v2) on a BIDS dataset with "
                                  "manual residual masks, with hospital-stratified folds and a held-out test site.")
     parser.add_argument("bids_dir", type=Path, help="the input BIDS dataset (never modified)")
     parser.add_argument("work_dir", type=Path, help="where everything is written; reusing it resumes")
@@ -90,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nnunet (default); agunet is not available yet")
     g.add_argument("--test-site", nargs="+", default=[], metavar="SITE",
                    help="held-out hospital(s): in no fold, scored with the fold ensemble at the end")
-    g.add_argument("--folds", type=_positive_int, default=5, help="number of hospital folds (default: 5)")
-    g.add_argument("--epochs", type=_positive_int, default=None, help="epochs per fold (default: nnU-Net's 1000)")
-    g.add_argument("--iterations", type=_positive_int, default=None,
+    g.add_argument("--folds", type=positive_int, default=5, help="number of hospital folds (default: 5)")
+    g.add_argument("--epochs", type=positive_int, default=None, help="epochs per fold (default: nnU-Net's 1000)")
+    g.add_argument("--iterations", type=positive_int, default=None,
                    help="iterations per epoch (default: nnU-Net's 250)")
     g.add_argument("--tiny", action="store_true",
                    help="the demo's tiny network (4 stages, 8–64 features, patch 64³, 1.5 mm): demos and tests")
@@ -102,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("resources")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where networks run (default: auto = cuda when available)")
-    g.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=min(os.cpu_count() or 1, 8), metavar="N",
+    g.add_argument("--nprocs", "--n-cpus", type=positive_int, default=min(os.cpu_count() or 1, 8), metavar="N",
                    help="processes for nnU-Net preprocessing and the test-set scoring (default: CPU count, ≤ 8)")
-    g.add_argument("--omp-nthreads", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--omp-nthreads", type=positive_int, default=None, metavar="N",
                    help="threads per process (default: nprocs)")
     return parser
 
