@@ -187,8 +187,10 @@ def run_one_participant(settings: RunSettings, inputs, card, provenance) -> Part
             if status == "exception":
                 errors.append(f"{name}: {crash_message(node)}")
 
+    # forkserver: workers must not be forked from a process that already runs torch/OpenMP threads (the
+    # training command and tests call this in-process after using torch): such forks deadlock.
     plugin, plugin_args = ("Linear", {}) if settings.nprocs == 1 else (
-        "MultiProc", {"n_procs": settings.nprocs, "raise_insufficient": False,
+        "MultiProc", {"n_procs": settings.nprocs, "raise_insufficient": False, "mp_context": "forkserver",
                       **({"memory_gb": settings.mem_gb} if settings.mem_gb else {})})
     plugin_args["status_callback"] = status_callback
     try:
