@@ -37,6 +37,8 @@ class RunSettings:
     gtr_inclusive: bool = False
     use_mirroring: bool = True
     reports_only: bool = False
+    clean_workdir: bool = False
+    boilerplate: bool = False
     rater_groups: Path | None = None
     folds: Path | None = None
     compare: dict[str, Path] = field(default_factory=dict)

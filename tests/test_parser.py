@@ -40,3 +40,30 @@ def test_help_and_version_do_not_import_heavy_packages():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
     assert "bids_postop 0." in out.stdout
+
+
+def test_boilerplate_writes_the_methods_with_citations(tmp_path, capsys):
+    (tmp_path / "bids").mkdir()
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "bids"), str(out), "participant", "--boilerplate", "--brain-method", "hdbet"]) == 0
+    text = (out / "logs" / "CITATION.md").read_text()
+    assert "Helland" in text and "nnU-Net" in text and "HD-BET" in text and "deepbet" not in text
+    assert "below 0.175 ml" in text
+    assert text in capsys.readouterr().out
+
+
+def test_clean_workdir_empties_it_and_refuses_dangerous_folders(tmp_path):
+    from conftest import make_bids
+
+    root = make_bids(tmp_path / "bids", {"01": {"ses-postop/anat/sub-01_ses-postop_T1w.nii.gz": None}})
+    work = tmp_path / "work"
+    (work / "old_wf").mkdir(parents=True)
+    (work / "stale.txt").write_text("x")
+    out = root / "derivatives" / "bids_postop"
+    # sub-01 has no contrast T1w: nobody runs (66), but the work dir was emptied first
+    assert main([str(root), str(out), "participant", "-w", str(work), "--clean-workdir",
+                 "--skip-bids-validation"]) == 66
+    assert work.is_dir() and not any(work.iterdir())
+    assert main([str(root), str(out), "participant", "-w", str(root), "--clean-workdir",
+                 "--skip-bids-validation"]) == 64
+    assert (root / "dataset_description.json").exists()

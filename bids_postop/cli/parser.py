@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory limit for scheduling steps, e.g. 16G")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where networks run (default: auto = cuda when available)")
+    g.add_argument("--clean-workdir", action="store_true",
+                   help="empty the work directory before running (default: reuse it, i.e. resume)")
+    g.add_argument("--boilerplate", action="store_true",
+                   help="only write the methods paragraph with citations to output_dir/logs/CITATION.md and "
+                        "print it (every participant run writes it too)")
     g.add_argument("--reports-only", action="store_true",
                    help="only rebuild the HTML reports from outputs already in output_dir")
     g.add_argument("--stop-on-first-crash", action="store_true",

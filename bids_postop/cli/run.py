@@ -50,7 +50,8 @@ def settings_from_args(argv: Sequence[str] | None) -> RunSettings:
         brain_method=args.brain_method, skip_bids_validation=args.skip_bids_validation,
         stop_on_first_crash=args.stop_on_first_crash, min_component_voxels=args.min_component_voxels,
         gtr_cutoff_ml=args.gtr_cutoff_ml, gtr_inclusive=args.gtr_inclusive, use_mirroring=args.use_mirroring,
-        reports_only=args.reports_only, rater_groups=args.rater_groups, folds=args.folds, compare=dict(args.compare),
+        reports_only=args.reports_only, clean_workdir=args.clean_workdir, boilerplate=args.boilerplate,
+        rater_groups=args.rater_groups, folds=args.folds, compare=dict(args.compare),
         n_bootstrap=args.n_bootstrap, seed=args.seed, verbosity=args.verbosity,
         command_line=shlex.join(["bids_postop", *(argv if argv is not None else sys.argv[1:])]))
 
@@ -105,6 +106,8 @@ def run_participants(settings: RunSettings) -> int:
 
         for warning in validate_dataset(settings.bids_dir):
             LOG.debug("BIDS validator warning: %s", warning)
+    if settings.clean_workdir:
+        clean_work_dir(settings)
     participants = discover(
         settings.bids_dir, participant_labels=settings.participant_labels,
         postop_session=settings.postop_session, preop_session=settings.preop_session,
@@ -151,6 +154,7 @@ def run_participants(settings: RunSettings) -> int:
     os.environ["OMP_NUM_THREADS"] = str(settings.omp_nthreads)
     provenance = {"bids_postop_version": __version__, "command_line": settings.command_line,
                   "versions": package_versions()}
+    write_boilerplate(settings)
     for p in runnable:
         status = run_one_participant(settings, p, cards[chosen[p.subject]], provenance)
         statuses.append(status)
@@ -159,6 +163,32 @@ def run_participants(settings: RunSettings) -> int:
             break
     print_final_table(statuses, settings.output_dir)
     return EXIT_OK if all(s.status == "done" for s in statuses) else EXIT_PARTICIPANT_FAILED
+
+
+def write_boilerplate(settings: RunSettings) -> Path:
+    """``output_dir/logs/CITATION.md``: the methods paragraph for this run's settings and versions."""
+    from bids_postop.bids.derivatives import atomic_write_text
+    from bids_postop.reports.boilerplate import methods_text
+
+    text = methods_text(versions=package_versions(), brain_method=settings.brain_method,
+                        min_component_voxels=settings.min_component_voxels, gtr_cutoff_ml=settings.gtr_cutoff_ml,
+                        gtr_inclusive=settings.gtr_inclusive)
+    return atomic_write_text(settings.output_dir / "logs" / "CITATION.md", text)
+
+
+def clean_work_dir(settings: RunSettings) -> None:
+    """Empty the work directory, refusing folders that hold the data or the results."""
+    import shutil
+
+    work = settings.work_dir.resolve()
+    protected = {Path("/"), Path.home().resolve(), settings.bids_dir.resolve(), settings.output_dir.resolve()}
+    if work in protected or any(work in p.parents for p in protected if p != Path("/")):
+        raise UsageError(f"--clean-workdir: refusing to empty {work}: it is or contains the input, the output "
+                         f"or the home folder; give a dedicated -w")
+    if work.is_dir():
+        LOG.info("emptying the work directory %s (--clean-workdir)", work)
+        for child in work.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 def run_one_participant(settings: RunSettings, inputs, card, provenance) -> ParticipantStatus:
@@ -298,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not settings.bids_dir.is_dir():
             raise InputDataError("the BIDS directory does not exist (for containers: is it bind-mounted, "
                                  "e.g. docker -v /path/to/bids:/data:ro?)", settings.bids_dir)
+        if settings.boilerplate:
+            print(write_boilerplate(settings).read_text())
+            return EXIT_OK
         if settings.reports_only:
             from bids_postop.reports.html import rebuild_reports
 
