@@ -176,22 +176,10 @@ def tiny_plans(plans: dict) -> dict:
 
 
 def strip_checkpoint(src: Path, dst: Path) -> None:
-    import torch
+    """Keep only what inference needs (no optimizer state); loadable with ``weights_only=True``."""
+    from bids_postop.training.nnunet import strip_checkpoint as strip
 
-    ck = torch.load(src, map_location="cpu", weights_only=False)
-    # no clone(): the decoder shares the encoder's tensors, torch.save stores shared storage once
-    weights = {k.removeprefix("_orig_mod."): v.detach() for k, v in ck["network_weights"].items()}
-    axes = MIRROR_AXES
-    out = {
-        "network_weights": weights,
-        "trainer_name": "nnUNetTrainer",
-        "init_args": {"configuration": ck["init_args"]["configuration"], "fold": ck["init_args"]["fold"]},
-        "inference_allowed_mirroring_axes": tuple(int(a) for a in axes) if axes is not None else None,
-        "current_epoch": int(ck.get("current_epoch", 0)),
-    }
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, dst)
-    torch.load(dst, map_location="cpu", weights_only=True)  # must be readable without pickled objects
+    strip(src, dst, mirror_axes=MIRROR_AXES)
 
 
 def load_canonical_stack(pool: Path, m: dict, roles) -> tuple[np.ndarray, list[float], np.ndarray, np.ndarray]:
