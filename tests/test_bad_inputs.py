@@ -148,3 +148,10 @@ def test_unknown_model_is_a_usage_error(tmp_path):
     root = dataset(tmp_path)
     assert run(root, "--model", str(tmp_path / "no_model")) == 64
     assert "model folder not found" in log_text(root)
+
+
+def test_unwritable_output_dir_exits_73_even_as_root(tmp_path, capsys):
+    # /proc refuses new folders to every user, root included (CI runs as root: mode bits would not do)
+    root = dataset(tmp_path)
+    assert main([str(root), "/proc/bids_postop_out", "participant", "--skip-bids-validation"]) == 73
+    assert "cannot write to the output directory" in capsys.readouterr().err
