@@ -12,6 +12,15 @@ from bids_postop.core.postprocess import GTR_CUTOFF_ML, MIN_COMPONENT_VOXELS
 Device = Literal["auto", "cpu", "cuda"]
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu`` (imports torch: call from workers only)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass(frozen=True)
 class RunSettings:
     bids_dir: Path
@@ -46,14 +55,6 @@ class RunSettings:
     seed: int = 0
     verbosity: int = 0
     command_line: str = ""
-
-    def resolved_device(self) -> str:
-        """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu`` (imports torch: call from workers only)."""
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def to_json(self) -> str:
         def default(value: Any) -> Any:

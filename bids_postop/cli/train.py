@@ -21,6 +21,7 @@ from pathlib import Path
 from bids_postop import __version__
 from bids_postop.cli.parser import BidsAppParser, positive_int
 from bids_postop.errors import EXIT_OK, EXIT_PARTICIPANT_FAILED, BidsPostopError, UsageError
+from bids_postop.settings import resolve_device
 
 LOG = logging.getLogger("bids_postop.training")
 
@@ -249,7 +250,7 @@ def train_configuration(config: str, args, cases, plan, command: str) -> Path:
         LOG.info("[%s] model %s is up to date (same data, folds trained before): reused", config, model_dir)
         return model_dir
     nn.export_model(did, model_dir, folds, mirror_axes=tiny.mirror_axes if tiny else "keep")
-    device = nn.resolve_device(args.device)
+    device = resolve_device(args.device)
     write_card(model_dir, config=config, threshold=0.5, folds=folds, extra={})  # provisional: read by predictions
     thr = validation_threshold(model_dir, plan, usable, device=device)
     LOG.info("[%s] threshold %.2f (%s)", config, thr["threshold"], thr["how"])

@@ -16,6 +16,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from bids_postop.settings import resolve_device
+
 ROLE_TRAITS = ("postop_t1ce", "postop_t1", "postop_flair", "preop_t1ce", "preop_mask")
 
 
@@ -93,7 +95,7 @@ class BrainExtraction(SimpleInterface):
 
         out = extract_brain(self.inputs.in_file, method=self.inputs.method,
                             out_mask=Path(runtime.cwd) / "brain_mask.nii.gz",
-                            device=_device(self.inputs.device), threads=self.inputs.threads)
+                            device=resolve_device(self.inputs.device), threads=self.inputs.threads)
         self._results["out_file"] = str(out)
         return runtime
 
@@ -154,7 +156,8 @@ class Segment(SimpleInterface):
             channels.append(value)
         probability = predict_probability(
             card, channels, brain_mask=self.inputs.brain_mask if isdefined(self.inputs.brain_mask) else None,
-            device=_device(self.inputs.device), threads=self.inputs.threads, use_mirroring=self.inputs.use_mirroring)
+            device=resolve_device(self.inputs.device), threads=self.inputs.threads,
+            use_mirroring=self.inputs.use_mirroring)
         out = write_like(probability, nib.load(self.inputs.postop_t1ce), Path(runtime.cwd) / "probseg.nii.gz")
         self._results["out_file"] = str(out)
         return runtime
@@ -204,14 +207,6 @@ class PostProcess(SimpleInterface):
         out.write_text(json.dumps(measures.as_dict(), indent=2))
         self._results["measures"] = str(out)
         return runtime
-
-
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _set_threads(threads: int) -> None:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bids_postop.settings import resolve_device
+
 LOG = logging.getLogger("bids_postop.training")
 
 TRAINER = "nnUNetTrainer"
@@ -59,15 +61,6 @@ def set_nnunet_paths(root: Path) -> dict[str, Path]:
     os.environ.setdefault("nnUNet_n_proc_DA", "1")
     os.environ.setdefault("nnUNet_compile", "false")
     return paths
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def tiny_plans(plans: dict, tiny: TinyNetwork = TinyNetwork()) -> dict:
