@@ -95,7 +95,7 @@ def configure_nipype(settings: RunSettings) -> None:
 
 
 def run_participants(settings: RunSettings) -> int:
-    from bids_postop.bids.derivatives import check_output_dir, write_dataset_description
+    from bids_postop.bids.derivatives import write_dataset_description
     from bids_postop.bids.inputs import discover, expected_names, format_inputs_table, load_bids_filters
     from bids_postop.configurations import CONFIGURATIONS, choose_configuration
     from bids_postop.segmentation.models import resolve_models
@@ -144,7 +144,6 @@ def run_participants(settings: RunSettings) -> int:
         print_final_table(statuses)
         raise InputDataError("no participant has the inputs needed to run", settings.bids_dir)
 
-    check_output_dir(settings.output_dir, settings.bids_dir)
     write_dataset_description(settings.output_dir, settings.bids_dir)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     configure_nipype(settings)
@@ -317,10 +316,12 @@ def run_group(settings: RunSettings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(argv)
+    log_file = None
     try:
         from bids_postop.bids.derivatives import check_output_dir
 
-        check_output_dir(settings.output_dir, settings.bids_dir) if settings.bids_dir.is_dir() else None
+        if settings.bids_dir.is_dir():  # before the logs go into output_dir
+            check_output_dir(settings.output_dir, settings.bids_dir)
         log_file = setup_logging(settings)
         LOG.info("bids_postop %s — %s", __version__, settings.command_line)
         LOG.debug("settings:\n%s", settings.to_json())
@@ -342,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_participants(settings)
     except BidsPostopError as exc:
         message = f"bids_postop: error: {exc}"
-        if LOG.handlers:
+        if log_file is not None:  # handlers of an earlier in-process run must not swallow this one's error
             LOG.error("%s", message)
         else:
             print(message, file=sys.stderr)
