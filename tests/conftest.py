@@ -12,6 +12,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("BIDS_POSTOP_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+# .ci/run lists the tools the test extra installs: there a missing one fails its tests instead of skipping
+REQUIRED_TOOLS = set(os.environ.get("BIDS_POSTOP_REQUIRED_TOOLS", "").split())
+
+
+def require_tool(name: str) -> str:
+    """The executable ``name`` (beside this Python, else on PATH); skip the test when it is missing,
+    fail instead when CI says it must be there."""
+    from bids_postop.executables import find_executable
+
+    exe = find_executable(name)
+    if exe is None:
+        if name in REQUIRED_TOOLS:
+            pytest.fail(f"{name} is required here (BIDS_POSTOP_REQUIRED_TOOLS) but not installed")
+        pytest.skip(f"{name} not installed")
+    return exe
 
 
 def affine_for(orientation: str, spacing=(1.0, 1.0, 1.0), *, oblique_deg: float = 0.0) -> np.ndarray:

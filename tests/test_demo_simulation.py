@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import require_tool
 from scipy import ndimage
 
 from bids_postop.configurations import CONFIGURATIONS
@@ -197,9 +197,7 @@ def test_demo_dataset_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_demo_dataset_passes_bids_validator(demo) -> None:
-    exe = shutil.which("bids-validator-deno")
-    if exe is None:
-        pytest.skip("bids-validator-deno is not installed")
+    exe = require_tool("bids-validator-deno")
     proc = subprocess.run([exe, str(demo.root), "--json", "-r"], capture_output=True, text=True, timeout=300)
     report = json.loads(proc.stdout)
     errors = [i for i in report["issues"]["issues"] if i["severity"] == "error"]

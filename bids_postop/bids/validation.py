@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 from bids_postop.errors import InputDataError
+from bids_postop.executables import find_executable
 
 VALIDATOR = "bids-validator-deno"
 
@@ -18,7 +18,7 @@ def validate_dataset(bids_dir: Path, *, timeout_s: int = 600) -> list[str]:
     Returns ``["validator not installed …"]`` when the executable is missing (pybids then still checks
     file names while indexing).
     """
-    exe = shutil.which(VALIDATOR)
+    exe = find_executable(VALIDATOR)
     if exe is None:
         return [f"{VALIDATOR} not found: only pybids' file-name checks were applied"]
     proc = subprocess.run([exe, str(bids_dir), "--json", "--ignoreNiftiHeaders"], capture_output=True,
