@@ -106,7 +106,7 @@ def test_write_splits(tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--architecture", "agunet"], "not available yet"),
+    (["--init-model", "m.keras"], "--init-model is for --architecture agunet"),
     (["--config", "F"], "invalid choice"),
     (["--folds", "0"], "must be >= 1"),
 ])

@@ -36,11 +36,27 @@ preprocessed,results}, prep/ (cached data preparation), test_derivatives/<CONFIG
 group level on the test site(s)), logs/. Rerunning with the same WORK_DIR resumes: finished data
 preparation and folds with a checkpoint_final.pth are skipped.
 
+AGU-Net (--architecture agunet; needs the agunet extra: pip install bids_postop[agunet]): the study's
+full-volume 3-D U-Net with attention gates, multi-scale inputs and deep supervision (filters 16/32/128/256/256,
+input 128x128x144 at 1 mm, z-scored; --tiny: 32x32x32, filters 4/8/8/8/8). Adam lr 1e-3, class-averaged Dice
+loss without background, micro-batches of --batch-size (2) accumulated to --effective-batch-size (32), flips,
+rotations +-20 deg and translations <= 10 % each with p = 0.5, early stop after --patience (30) epochs without
+validation improvement (--epochs: at most, default 1000; --iterations: micro-batches per epoch, default all
+training cases once). --init-model MODEL.keras starts every fold from a trained AGU-Net (layers matched by name,
+the input layers adapted to the number of channels). TensorFlow runs in its own process per fold
+(python -m bids_postop.agunet.worker; output in WORK_DIR/agunet/<CONFIG>/fold_k/worker.log), checkpointing after
+every epoch: a rerun resumes. The fold networks are exported to ONNX and packaged in the Raidionics format
+(pre_processing.ini + fold_k/model.onnx + bids_postop_model.json) in WORK_DIR/agunet/models/<CONFIG>/: the
+participant level runs it with onnxruntime (--model that folder) and averages the folds.
+
 exit codes: 0 done; 1 test-set scoring failed for a participant; 64 usage error; 66 no usable input.
 
 example (short CPU run with the demo's tiny network):
   bids_postop-train /data/bids /scratch/train --manual manual=/data/bids/derivatives/manual \\
       --config B --test-site oslo --folds 5 --tiny --epochs 5 --iterations 20
+
+the shipped demo models (bids_postop/data/models/demo) are rebuilt with bids_postop-demo --training-set and
+this command (--tiny --train-folds 0 --inference-patch-size 96 96 96 --model-name demo): docs/training.md.
 """
 
 
@@ -56,8 +72,9 @@ def _derivative(value: str) -> tuple[str, Path]:
 def build_parser() -> argparse.ArgumentParser:
     parser = BidsAppParser(prog="bids_postop-train", epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           description="Train residual-tumour segmentation models (nnU-Net v2) on a BIDS dataset with "
-                                 "manual residual masks, with hospital-stratified folds and a held-out test site.")
+                           description="Train residual-tumour segmentation models (nnU-Net v2 or AGU-Net) on a BIDS "
+                                 "dataset with manual residual masks, with hospital-stratified folds and a held-out "
+                                 "test site.")
     parser.add_argument("bids_dir", type=Path, help="the input BIDS dataset (never modified)")
     parser.add_argument("work_dir", type=Path, help="where everything is written; reusing it resumes")
     parser.add_argument("--version", action="version", version=f"bids_postop {__version__}")
@@ -77,16 +94,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", nargs="+", default=["B"], choices=["A", "B", "C", "D", "E"],
                    help="input configuration(s) to train, one model each (default: B)")
     g.add_argument("--architecture", default="nnunet", choices=["nnunet", "agunet"],
-                   help="nnunet (default); agunet is not available yet")
+                   help="nnunet (default) or agunet (the study's full-volume AGU-Net, TensorFlow; see below)")
     g.add_argument("--test-site", nargs="+", default=[], metavar="SITE",
                    help="held-out hospital(s): in no fold, scored with the fold ensemble at the end")
     g.add_argument("--folds", type=positive_int, default=5, help="number of hospital folds (default: 5)")
-    g.add_argument("--epochs", type=positive_int, default=None, help="epochs per fold (default: nnU-Net's 1000)")
+    g.add_argument("--epochs", type=positive_int, default=None,
+                   help="epochs per fold (default: nnU-Net's 1000; agunet: at most, default 1000, early stopping "
+                        "decides)")
     g.add_argument("--iterations", type=positive_int, default=None,
-                   help="iterations per epoch (default: nnU-Net's 250)")
+                   help="iterations per epoch (default: nnU-Net's 250; agunet: micro-batches, default all cases "
+                        "once)")
     g.add_argument("--tiny", action="store_true",
-                   help="the demo's tiny network (4 stages, 8–64 features, patch 64³, 1.5 mm): demos and tests")
-    g.add_argument("--brain-method", default="deepbet", choices=["deepbet", "hdbet"])
+                   help="the demo's tiny network (4 stages, 8–64 features, patch 64³, 1.5 mm, test-time mirroring "
+                        "left-right only): demos and tests; with agunet: input 32³, filters 4/8/8/8/8")
+    g.add_argument("--train-folds", nargs="+", type=int, default=None, metavar="K",
+                   help="train only these folds (0-based; default: all --folds): the model ensembles them and its "
+                        "threshold is chosen on their validation participants (the demo models: one fold, 0)")
+    g.add_argument("--inference-patch-size", nargs=3, type=positive_int, default=None, metavar="N",
+                   help="sliding-window patch of the exported model's inference (default: the training patch); "
+                        "sides must be multiples of the network's total stride (the demo models: 96 96 96)")
+    g.add_argument("--model-name", default="bids_postop-train", metavar="NAME",
+                   help="the model card's name is NAME-<CONFIG> (default: bids_postop-train; the demo models: demo)")
+    g.add_argument("--export-to", type=Path, default=None, metavar="DIR",
+                   help="copy each finished model folder to DIR/<CONFIG>, replacing it (e.g. "
+                        "bids_postop/data/models/demo to rebuild the shipped demo models)")
+    g.add_argument("--init-model", type=Path, default=None, metavar="MODEL.keras",
+                   help="agunet: initialise every fold from this Keras AGU-Net (input layers adapted), as the study "
+                        "did from its pre-operative model")
+    g.add_argument("--patience", type=positive_int, default=30,
+                   help="agunet: stop after N epochs without validation improvement (default: 30, the study's)")
+    g.add_argument("--batch-size", type=positive_int, default=2, help="agunet: micro-batch size (default: 2)")
+    g.add_argument("--effective-batch-size", type=positive_int, default=32,
+                   help="agunet: gradients accumulated over this many samples per update (default: 32)")
+    g.add_argument("--brain-method", default="deepbet", choices=["deepbet", "hdbet", "raidionics"])
+    g.add_argument("--brain-model", default=None, metavar="NAME|FOLDER",
+                   help="Raidionics brain model for --brain-method raidionics (default: MRI_Brain)")
     g.add_argument("--no-test-scoring", dest="test_scoring", action="store_false",
                    help="do not run the participant and group levels on the test site(s)")
     g = parser.add_argument_group("resources")
@@ -135,8 +177,10 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def validation_threshold(model_dir: Path, plan, cases, *, device: str, progress=LOG.info) -> dict:
-    """Predict every validation participant with its own fold's model; choose the threshold on them all."""
+def validation_threshold(model_dir: Path, plan, cases, *, device: str, folds: Sequence[int] | None = None,
+                         progress=LOG.info) -> dict:
+    """Predict every validation participant of ``folds`` (default: all) with its own fold's model; choose the
+    threshold on them all."""
     from bids_postop.core.images import load_3d, voxel_sizes
     from bids_postop.segmentation.models import read_card
     from bids_postop.segmentation.nnunet import NnUNetOptions, predict_probability
@@ -146,7 +190,7 @@ def validation_threshold(model_dir: Path, plan, cases, *, device: str, progress=
     card = read_card(model_dir)
     by_id = {c.participant_id: c for c in cases}
     val_cases = []
-    for fold in range(plan.n_folds):
+    for fold in range(plan.n_folds) if folds is None else folds:
         for pid in plan.validation(fold):
             if pid not in by_id:
                 continue
@@ -162,13 +206,14 @@ def validation_threshold(model_dir: Path, plan, cases, *, device: str, progress=
     return result
 
 
-def write_card(model_dir: Path, *, config: str, threshold: float, folds: Sequence[int], extra: dict) -> Path:
+def write_card(model_dir: Path, *, config: str, threshold: float, folds: Sequence[int], extra: dict,
+               name: str = "bids_postop-train") -> Path:
     from bids_postop.configurations import CONFIGURATIONS
     from bids_postop.segmentation.models import CARD_NAME
 
     card = {
         "schema_version": 1,
-        "name": f"bids_postop-train-{config}",
+        "name": f"{name}-{config}",
         "description": f"nnU-Net v2 3d_fullres for residual glioblastoma on early post-operative MRI, input "
                        f"configuration {config}, trained with bids_postop-train {__version__}.",
         "intended_use": "research; trained with bids_postop-train, not validated for clinical use",
@@ -184,12 +229,14 @@ def write_card(model_dir: Path, *, config: str, threshold: float, folds: Sequenc
     return path
 
 
-def _model_up_to_date(model_dir: Path, data_hash: str, folds: list[int]) -> bool:
+def _model_up_to_date(model_dir: Path, data_hash: str, folds: list[int], expect: dict | None = None) -> bool:
     from bids_postop.segmentation.models import CARD_NAME
 
     try:
         card = json.loads((model_dir / CARD_NAME).read_text())
     except (OSError, ValueError):
+        return False
+    if any(card.get(k) != v for k, v in (expect or {}).items()):
         return False
     return (card.get("training", {}).get("data_hash") == data_hash and card["nnunet"]["folds"] == folds
             and all((model_dir / "nnunet" / f"fold_{k}" / "checkpoint_final.pth").is_file() for k in folds))
@@ -206,7 +253,8 @@ def train_configuration(config: str, args, cases, plan, command: str) -> Path:
     dropped = [a.participant_id for a in plan.assignments if a.fold is not None and a.participant_id not in ids]
     if dropped:
         LOG.warning("[%s] not in the training data (inputs or manual mask missing): %s", config, ", ".join(dropped))
-    for fold in range(plan.n_folds):
+    folds = sorted(set(args.train_folds)) if args.train_folds else list(range(plan.n_folds))
+    for fold in folds:
         if not any(p in ids for p in plan.validation(fold)):
             raise UsageError(f"configuration {config}: fold {fold} has no participant with the inputs and a manual "
                              f"mask; lower --folds or choose another configuration")
@@ -224,7 +272,7 @@ def train_configuration(config: str, args, cases, plan, command: str) -> Path:
     options = nn.TrainingOptions(device=args.device, epochs=args.epochs, iterations=args.iterations, tiny=tiny)
     start = time.monotonic()
     fold_seconds: list[float] = []
-    for fold in range(plan.n_folds):
+    for step, fold in enumerate(folds):
         final = nn.results_folder(did) / f"fold_{fold}" / "checkpoint_final.pth"
         if final.is_file():
             LOG.info("[%s] fold %d/%d: already trained (%s): skipped", config, fold + 1, plan.n_folds, final)
@@ -232,7 +280,7 @@ def train_configuration(config: str, args, cases, plan, command: str) -> Path:
         LOG.info("[%s] fold %d/%d: training on %d, validating on %d participants", config, fold + 1, plan.n_folds,
                  len(splits[fold]["train"]), len(splits[fold]["val"]))
         fold_start = time.monotonic()
-        left = plan.n_folds - fold - 1
+        left = len(folds) - step - 1
 
         def progress(done: int, total: int, per_epoch: float, fold=fold, left=left) -> None:
             if done == total or done % max(1, total // 50) == 0:
@@ -245,22 +293,34 @@ def train_configuration(config: str, args, cases, plan, command: str) -> Path:
         fold_seconds.append(time.monotonic() - fold_start)
         LOG.info("[%s] fold %d/%d: trained in %s", config, fold + 1, plan.n_folds, _eta(fold_seconds[-1]))
     model_dir = work / "models" / config
-    folds = list(range(plan.n_folds))
-    if not fold_seconds and _model_up_to_date(model_dir, data_hash, folds):
+    name = args.model_name
+    patch = list(args.inference_patch_size) if args.inference_patch_size else None
+    if not fold_seconds and _model_up_to_date(model_dir, data_hash, folds, {
+            "name": f"{name}-{config}", **({"inference_patch_size": patch} if patch else {})}):
         LOG.info("[%s] model %s is up to date (same data, folds trained before): reused", config, model_dir)
-        return model_dir
+        return export_model_dir(model_dir, args.export_to, config)
     nn.export_model(did, model_dir, folds, mirror_axes=tiny.mirror_axes if tiny else "keep")
+    training_patch = json.loads((model_dir / "nnunet" / "plans.json").read_text())["configurations"][
+        nn.CONFIGURATION]["patch_size"]
+    if patch:
+        try:
+            nn.set_inference_patch_size(model_dir, patch)
+        except ValueError as exc:
+            raise UsageError(f"--inference-patch-size: {exc}") from exc
     device = resolve_device(args.device)
-    write_card(model_dir, config=config, threshold=0.5, folds=folds, extra={})  # provisional: read by predictions
-    thr = validation_threshold(model_dir, plan, usable, device=device)
+    write_card(model_dir, config=config, threshold=0.5, folds=folds, extra={},  # provisional: read by predictions
+               name=name)
+    thr = validation_threshold(model_dir, plan, usable, device=device, folds=folds)
     LOG.info("[%s] threshold %.2f (%s)", config, thr["threshold"], thr["how"])
-    write_card(model_dir, config=config, threshold=thr["threshold"], folds=folds, extra={
+    write_card(model_dir, config=config, threshold=thr["threshold"], folds=folds, name=name, extra={
+        "inference_patch_size": patch or training_patch,
         "threshold_selection": thr,
         "training": {
             "command": command, "date": _dt.date.today().isoformat(), "bids_dir": str(args.bids_dir),
             "data_hash": data_hash, "n_cases": len(usable), "tiny_network": tiny.__dict__ if tiny else None,
             "epochs": args.epochs or "nnU-Net default (1000)", "iterations": args.iterations or
-            "nnU-Net default (250)", "device": device,
+            "nnU-Net default (250)", "device": device, "training_patch_size": training_patch,
+            "test_time_mirroring_axes": list(tiny.mirror_axes) if tiny else "nnU-Net's (all axes)",
             "folds": [{"fold": k, "sites": sorted(s for s, f in plan.site_folds.items() if f == k),
                        "validation": splits[k]["val"]} for k in folds],
             "test_sites": list(plan.test_sites), "test_participants": plan.test,
@@ -269,7 +329,28 @@ def train_configuration(config: str, args, cases, plan, command: str) -> Path:
         },
     })
     LOG.info("[%s] model written: %s", config, model_dir)
+    return export_model_dir(model_dir, args.export_to, config)
+
+
+def export_model_dir(model_dir: Path, export_to: Path | None, config: str) -> Path:
+    """``--export-to``: copy the model folder to ``export_to/<CONFIG>`` (replacing it); return the model folder."""
+    import shutil
+
+    if export_to is not None:
+        dest = export_to / config
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(model_dir, dest)
+        LOG.info("[%s] model copied to %s", config, dest)
     return model_dir
+
+
+def _raidionics_brain_model(args) -> str | None:
+    """The Raidionics brain model folder for --brain-method raidionics (ModelError when not installed)."""
+    if args.brain_method != "raidionics":
+        return None
+    from bids_postop.segmentation.raidionics import BRAIN_MODEL, resolve_brain_model
+
+    return str(resolve_brain_model(args.brain_model or BRAIN_MODEL))
 
 
 def score_test_set(args, config: str, model_dir: Path, plan) -> int:
@@ -282,7 +363,9 @@ def score_test_set(args, config: str, model_dir: Path, plan) -> int:
     argv = [str(args.bids_dir), str(out), "participant", "--participant-label", *plan.test, "--model",
             str(model_dir), "--config", config, "-w", str(args.work_dir / "test_work"), "--device", args.device,
             "--postop-session", args.postop_session, "--preop-session", args.preop_session,
-            "--nprocs", str(args.nprocs), "--brain-method", args.brain_method, *common,
+            "--nprocs", str(args.nprocs), "--brain-method", args.brain_method,
+            *(["--brain-model", args.brain_model] if args.brain_method == "raidionics" and args.brain_model else []),
+            *common,
             *(["-d", *derivs] if derivs else [])]
     LOG.info("[%s] test set (%s): bids_postop %s", config, ", ".join(plan.test_sites), shlex.join(argv))
     code = run_main(argv)
@@ -293,6 +376,34 @@ def score_test_set(args, config: str, model_dir: Path, plan) -> int:
     return code or group
 
 
+def _check_agunet_args(args) -> None:
+    """Fail now (not after data preparation) when AGU-Net training cannot run here."""
+    import importlib.util
+
+    missing = [m for m in ("tensorflow", "keras", "tf2onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"--architecture agunet needs {', '.join(missing)}: pip install 'bids_postop[agunet]'")
+    if args.init_model is not None:
+        args.init_model = args.init_model.expanduser().resolve()
+        if not args.init_model.is_file():
+            raise UsageError(f"--init-model {args.init_model}: file not found (a Keras .keras model)")
+    if args.effective_batch_size < args.batch_size:
+        raise UsageError(f"--effective-batch-size {args.effective_batch_size} is smaller than --batch-size "
+                         f"{args.batch_size}")
+
+
+def train_agunet(config: str, args, cases, plan, command: str) -> Path:
+    from bids_postop.training import agunet
+
+    options = agunet.AgunetOptions(
+        tiny=args.tiny, max_epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+        effective_batch_size=args.effective_batch_size, iterations=args.iterations, init_model=args.init_model,
+        threads=args.omp_nthreads, device=args.device)
+    folds = getattr(args, "train_folds", None)
+    return agunet.train_configuration(config, args, cases, plan, command, options=options, folds=folds,
+                                      name=f"{getattr(args, 'model_name', 'bids_postop-train')}-agunet")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.bids_dir = args.bids_dir.expanduser().resolve()
@@ -301,11 +412,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.omp_nthreads = args.omp_nthreads or args.nprocs
     command = shlex.join(["bids_postop-train", *(argv if argv is not None else sys.argv[1:])])
     try:
-        if args.architecture != "nnunet":
-            raise UsageError(f"--architecture {args.architecture}: not available yet (only nnunet can be trained "
-                             f"in this version)")
+        if args.architecture == "agunet":
+            _check_agunet_args(args)
+        elif args.init_model is not None:
+            raise UsageError("--init-model is for --architecture agunet (nnU-Net trains from scratch here)")
         if not args.manual[1].is_dir():
             raise UsageError(f"--manual {args.manual[1]}: not a directory")
+        bad_folds = [k for k in args.train_folds or [] if not 0 <= k < args.folds]
+        if bad_folds:
+            raise UsageError(f"--train-folds {' '.join(map(str, bad_folds))}: folds are numbered 0 to {args.folds - 1} "
+                             f"(--folds {args.folds})")
+        if args.export_to is not None:
+            args.export_to = args.export_to.expanduser().resolve()
         return run(args, command)
     except BidsPostopError as exc:
         print(f"bids_postop-train: error: {exc}", file=sys.stderr)
@@ -344,10 +462,12 @@ def run(args, command: str) -> int:
     _configure_nipype(work, args.verbosity)
     training = [p for p in participants if p.participant_id not in set(plan.test)]
     cases = prepare_cases(training, configs=args.config, manual_root=args.manual[1], work_dir=work / "prep",
-                          brain_method=args.brain_method, device=args.device, omp_nthreads=args.omp_nthreads)
-    models = {config: train_configuration(config, args, cases, plan, command) for config in args.config}
+                          brain_method=args.brain_method, device=args.device, omp_nthreads=args.omp_nthreads,
+                          brain_model=_raidionics_brain_model(args))
+    trainer = train_agunet if args.architecture == "agunet" else train_configuration
+    models = {config: trainer(config, args, cases, plan, command) for config in args.config}
     LOG.info("models: %s (use: bids_postop BIDS_DIR OUT participant --model %s)",
-             ", ".join(str(m) for m in models.values()), work / "models")
+             ", ".join(str(m) for m in models.values()), next(iter(models.values())).parent)
     code = EXIT_OK
     if args.test_scoring and plan.test:
         for config, model_dir in models.items():
