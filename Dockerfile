@@ -1,11 +1,17 @@
 # syntax=docker/dockerfile:1
-# bids_postop BIDS app. GPU build (default): CUDA-enabled torch wheels. CPU-only build:
+# bids_postop BIDS app. GPU build (default): CUDA-enabled torch wheels and onnxruntime-gpu. CPU-only build
+# (CPU torch, hence the CPU onnxruntime the package depends on):
 #   docker build --build-arg TORCH_SPEC="torch==2.13.0" -t bids_postop:cpu .
+# Published models baked into the image (catalogue names, space-separated; fetched at build time with
+# md5 verification into BIDS_POSTOP_HOME, readable by any UID); default: none, fetch at run time:
+#   docker build --build-arg BIDS_POSTOP_MODELS="MRI_GBM_Postop_FV_2p MRI_Brain" -t bids_postop:models .
 # The install steps are the ones CI runs (scripts/install.sh), so a CI pass exercises them.
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+# installed instead of onnxruntime when TORCH_SPEC gives a CUDA torch build (the GPU variant)
+ARG ONNXRUNTIME_GPU_SPEC="onnxruntime-gpu==1.31.1"
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -14,10 +20,16 @@ COPY scripts ./scripts
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/python -m pip install ${TORCH_SPEC} \
     && /opt/venv/bin/python -m pip install /src \
-    && /opt/venv/bin/python -m pip check
+    && /opt/venv/bin/python -m pip check \
+    && if /opt/venv/bin/python -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then \
+         /opt/venv/bin/python -m pip uninstall -y onnxruntime \
+         && /opt/venv/bin/python -m pip install "${ONNXRUNTIME_GPU_SPEC}" \
+         && /opt/venv/bin/python -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers()"; \
+       fi
 
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0
+ARG BIDS_POSTOP_MODELS=""
 LABEL org.opencontainers.image.title="bids_postop" \
       org.opencontainers.image.description="Residual glioblastoma segmentation in early post-operative MRI (BIDS app)" \
       org.opencontainers.image.version="${VERSION}" \
@@ -28,7 +40,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp/home \
     MPLCONFIGDIR=/tmp/home/.config/matplotlib \
     nnUNet_raw=/tmp/nnunet/raw nnUNet_preprocessed=/tmp/nnunet/preprocessed nnUNet_results=/tmp/nnunet/results \
+    BIDS_POSTOP_HOME=/opt/bids_postop/models \
     PYTHONUNBUFFERED=1
-RUN mkdir -p /tmp/home && chmod 1777 /tmp/home && bids_postop --version
+# Baked models are read-only at run time; to fetch more, point BIDS_POSTOP_HOME at a writable bind mount.
+RUN mkdir -p /tmp/home "${BIDS_POSTOP_HOME}" && chmod 1777 /tmp/home \
+    && if [ -n "${BIDS_POSTOP_MODELS}" ]; then bids_postop-models fetch ${BIDS_POSTOP_MODELS}; fi \
+    && chmod -R a+rX "${BIDS_POSTOP_HOME}" \
+    && bids_postop-models list \
+    && bids_postop --version
 WORKDIR /tmp
 ENTRYPOINT ["bids_postop"]

@@ -15,6 +15,9 @@ sub-04 images (configuration B) resampled (trilinear) onto a ``--shape`` grid ov
 
 The machine should be otherwise idle: the numbers are meaningless next to other jobs. Record results in
 benchmarks/RESULTS.md with the machine (CPU, memory) and the versions printed.
+
+``tests/test_large_image.py`` (slow) runs the same kind of participant run (configuration A, the T1w-CE only)
+and asserts outputs on the input grid and a peak RSS of at most 8 GiB.
 """
 
 from __future__ import annotations

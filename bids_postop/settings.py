@@ -10,6 +10,7 @@ from typing import Any, Literal
 from bids_postop.core.postprocess import GTR_CUTOFF_ML, MIN_COMPONENT_VOXELS
 
 Device = Literal["auto", "cpu", "cuda"]
+DEFAULT_BRAIN_MODEL = "MRI_Brain"  # the published Raidionics brain model, for --brain-method raidionics
 
 
 def resolve_device(device: str) -> str:
@@ -38,13 +39,16 @@ class RunSettings:
     device: Device = "auto"
     model: str = "demo"
     config: str = "auto"
-    brain_method: str = "deepbet"
+    brain_method: str = "deepbet"  # deepbet | hdbet | raidionics
+    brain_model: str | None = None  # raidionics: installed model name or folder (None: MRI_Brain)
+    trust_checkpoint: bool = False  # allow full (pickle) loading of nnU-Net checkpoints
     skip_bids_validation: bool = False
     stop_on_first_crash: bool = False
     min_component_voxels: int = MIN_COMPONENT_VOXELS
     gtr_cutoff_ml: float = GTR_CUTOFF_ML
     gtr_inclusive: bool = False
     use_mirroring: bool = True
+    fast: bool = False  # speed preset: first fold only, no mirroring (use_mirroring is then False)
     reports_only: bool = False
     clean_workdir: bool = False
     boilerplate: bool = False

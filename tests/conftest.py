@@ -92,3 +92,76 @@ def real_data() -> Path:
     if not REAL.is_dir():
         pytest.skip(f"real data not found at {REAL} (set BIDS_POSTOP_REAL_DATA)")
     return REAL
+
+
+# --- a tiny trained nnU-Net v2 model, trained once per session (slow: about a minute) -----------------------
+
+TINY_NNUNET_DATASET_ID = 977
+_TINY_NNUNET_SCRIPT = r'''
+import json, os, sys
+from pathlib import Path
+import nibabel as nib
+import numpy as np
+
+root = Path(sys.argv[1])
+
+def case(seed):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100, 15, (48, 48, 32)).astype(np.float32)
+    label = np.zeros(image.shape, np.uint8)
+    c = (rng.integers(14, 34), rng.integers(14, 34), rng.integers(10, 22))
+    x, y, z = np.ogrid[:48, :48, :32]
+    r = rng.uniform(4, 7)
+    label[(x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 < r * r] = 1
+    image[label > 0] += 250
+    return image, label
+
+if __name__ == "__main__":
+    from bids_postop.training import nnunet as T
+
+    paths = T.set_nnunet_paths(root)
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    name = f"Dataset{int(sys.argv[2]):03d}_Tiny"
+    raw = paths["nnUNet_raw"] / name
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+    cases = [f"case{i}" for i in range(4)]
+    for i, cid in enumerate(cases):
+        image, label = case(i)
+        nib.save(nib.Nifti1Image(image, affine), raw / "imagesTr" / f"{cid}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), raw / "labelsTr" / f"{cid}.nii.gz")
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1wCE"}, "labels": {"background": 0, "tumor": 1}, "numTraining": 4,
+        "file_ending": ".nii.gz", "overwrite_image_reader_writer": "NibabelIO"}))
+    image, _ = case(99)
+    (root / "test_input").mkdir(exist_ok=True)
+    nib.save(nib.Nifti1Image(image, affine), root / "test_input" / "test_0000.nii.gz")
+    tiny = T.TinyNetwork(patch_size=(32, 32, 32), target_spacing=1.5)
+    pp = T.plan_and_preprocess(int(sys.argv[2]), data_hash="tiny", tiny=tiny)
+    (pp / "splits_final.json").write_text(json.dumps([{"train": cases[:3], "val": cases[3:]}]))
+    T.train_fold(int(sys.argv[2]), 0, options=T.TrainingOptions(device="cpu", epochs=3, iterations=12, tiny=tiny))
+    T.export_model(int(sys.argv[2]), root / "exported", [0])
+'''
+
+
+@pytest.fixture(scope="session")
+def tiny_nnunet(tmp_path_factory) -> dict[str, Path]:
+    """A tiny nnU-Net v2 model trained on 4 synthetic one-channel cases (bright spheres in noise), fold 0.
+
+    Trained in a fresh interpreter (nnU-Net reads its folders from the environment at import and spawns
+    workers). Returns ``root`` (holding raw/, preprocessed/, results/: the values of nnUNet_raw,
+    nnUNet_preprocessed, nnUNet_results), ``results`` (the trainer folder with the full checkpoint),
+    ``model`` (the exported, stripped model folder: plans.json, dataset.json, fold_0) and ``test_input``
+    (a folder with one unseen case, ``test_0000.nii.gz``).
+    """
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("tiny_nnunet")
+    env = {**os.environ, "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1", "nnUNet_compile": "false"}
+    proc = subprocess.run([sys.executable, "-c", _TINY_NNUNET_SCRIPT, str(root), str(TINY_NNUNET_DATASET_ID)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    name = f"Dataset{TINY_NNUNET_DATASET_ID:03d}_Tiny"
+    return {"root": root, "results": root / "results" / name / "nnUNetTrainer__nnUNetPlans__3d_fullres",
+            "model": root / "exported" / "nnunet", "test_input": root / "test_input"}

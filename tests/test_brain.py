@@ -148,11 +148,22 @@ def test_apply_brain_mask_zeroes_outside_and_keeps_the_grid(tmp_path):
     out_img = nib.load(out)
     assert out_img.shape == data.shape
     assert np.array_equal(out_img.affine, nib.load(image_file).affine)
-    assert out_img.get_data_dtype() == np.float32
+    assert out_img.get_data_dtype() == np.int16  # integer voxels stored unscaled keep their type
     values = out_img.get_fdata()
     inside = _mask(mask_file) > 0
     assert np.all(values[~inside] == 0)
     np.testing.assert_array_equal(values[inside], data[inside])
+
+
+def test_apply_brain_mask_writes_float32_for_scaled_or_float_images(tmp_path):
+    image_file, mask_file, data = _image_and_mask(tmp_path, np.eye(4))
+    scaled = nib.Nifti1Image(data, np.eye(4))
+    scaled.header.set_slope_inter(0.5, 10)
+    nib.save(scaled, tmp_path / "scaled.nii.gz")
+    out_img = nib.load(apply_brain_mask(tmp_path / "scaled.nii.gz", mask_file, out_file=tmp_path / "b.nii.gz"))
+    assert out_img.get_data_dtype() == np.float32
+    inside = _mask(mask_file) > 0
+    np.testing.assert_allclose(out_img.get_fdata()[inside], data[inside] * 0.5 + 10)
 
 
 def test_apply_brain_mask_names_both_files_when_grids_differ(tmp_path):

@@ -241,9 +241,11 @@ def write_session_outputs(
     model_info = dict(model)
     common = {"SpatialReference": t1ce_uri}
     atomic_copy(brain_mask, outputs.brain_mask)
+    brain_extraction = dict((extra_provenance or {}).get("brain_extraction") or {})
     atomic_write_json(sidecar(outputs.brain_mask), {
         **common, "Type": "Brain", "Sources": [t1ce_uri],
-        "Description": "Brain mask computed on the post-operative contrast-enhanced T1w"})
+        "Description": "Brain mask computed on the post-operative contrast-enhanced T1w",
+        **({"BrainExtraction": brain_extraction} if brain_extraction else {})})
     atomic_copy(residual_probseg, outputs.residual_probseg)
     atomic_write_json(sidecar(outputs.residual_probseg), {
         **common, "Sources": source_uris, "Description": "Residual tumour probability (mean over model folds)",

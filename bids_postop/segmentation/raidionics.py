@@ -52,6 +52,7 @@ from bids_postop.configurations import CONFIGURATIONS, ConfigName
 from bids_postop.core.images import load_3d, same_grid, write_like
 from bids_postop.errors import InputDataError, ModelError
 from bids_postop.segmentation.models import DEFAULT_THRESHOLD, ModelCard
+from bids_postop.settings import DEFAULT_BRAIN_MODEL
 
 LOG = logging.getLogger("bids_postop")
 
@@ -591,12 +592,14 @@ def _load_mask(brain_mask: str | Path | None, reference: nib.Nifti1Image, refere
 
 
 def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *, brain_mask: Path | None = None,
-                        device: str = "cpu", threads: int = 1) -> np.ndarray:
+                        device: str = "cpu", threads: int = 1, max_folds: int | None = None,
+                        report: dict[str, Any] | None = None) -> np.ndarray:
     """Residual-tumour probability, float32, exactly on the first channel's grid (its shape and voxel order).
 
     ``channel_files`` are NIfTI files in the order of ``card.channels``, all on one grid (the post-op T1w-CE
     grid, after registration). ``brain_mask`` (same grid) is required by models that crop to the brain.
-    Channels whose role is ``preop_mask`` are treated as label maps. Fold models are averaged.
+    Channels whose role is ``preop_mask`` are treated as label maps. Fold models are averaged (only the first
+    ``max_folds`` when given: ``--fast``). ``report`` (a dict) receives the model files run.
     """
     if len(channel_files) != len(card.channels):
         raise ModelError(f"model {card.name} takes {len(card.channels)} channels ({', '.join(card.channels)}); "
@@ -606,7 +609,10 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
     if config.number_inputs != len(card.channels):
         raise ModelError(f"{folder}: {INI_NAME} says number_inputs = {config.number_inputs}, the model card lists "
                          f"{len(card.channels)} channels")
-    paths = model_files(folder)
+    paths = model_files(folder)[:max_folds] if max_folds else model_files(folder)
+    if report is not None:
+        report.update(backend="raidionics", model_files=[str(p) for p in paths], n_networks=len(paths),
+                      use_mirroring=False)
     images = _load_channels(channel_files, card.channels)
     mask = _load_mask(brain_mask, images[0], channel_files[0])
     arrays = [img.get_fdata(dtype=np.float32) for img in images]
@@ -615,6 +621,57 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
     probabilities = run_folds(paths, prepared.data, config, device=device, threads=threads)
     foreground = int(card.details.get("foreground_class", config.foreground_class))
     return to_reference_grid(probabilities[..., foreground], prepared)
+
+
+BRAIN_MODEL = DEFAULT_BRAIN_MODEL  # the published Raidionics brain model (bids_postop-models fetch MRI_Brain)
+
+
+def resolve_brain_model(spec: str | Path = BRAIN_MODEL) -> Path:
+    """The folder of a Raidionics brain model given by ``--brain-model``: a folder path, or the name of a model
+    installed with ``bids_postop-models fetch`` (default :data:`BRAIN_MODEL`).
+
+    Checks now what :func:`extract_brain_raidionics` needs (``pre_processing.ini`` readable, one input, no
+    brain cropping, a ``model.onnx``), so that a wrong model fails before any participant runs. Raises
+    :class:`ModelError` naming the folder and the command that installs the model.
+    """
+    text = str(spec)
+    path = Path(text).expanduser()
+    fetch_hint = (f"install the published brain model with `bids_postop-models fetch {BRAIN_MODEL}` (or "
+                  f"`bids_postop-models import Raidionics-{BRAIN_MODEL}-ONNX-v12.zip` offline) and pass "
+                  f"--brain-model {BRAIN_MODEL}, or give the folder holding {INI_NAME} and {ONNX_NAME}")
+    if path.is_dir():
+        folder = path.resolve()
+    elif "/" in text or text.startswith("."):
+        raise ModelError(f"{path}: brain model folder not found; {fetch_hint}")
+    else:
+        from bids_postop.models import resolve_installed
+
+        try:
+            folder = resolve_installed(text)
+        except ModelError as exc:
+            raise ModelError(f"--brain-model {text}: {exc}" + ("" if text == BRAIN_MODEL else f"; or {fetch_hint}")
+                             ) from exc
+    if not (folder / INI_NAME).is_file():
+        raise ModelError(f"{folder}: not a Raidionics model folder (no {INI_NAME}); {fetch_hint}")
+    config = read_preprocessing_ini(folder)
+    if config.number_inputs != 1:
+        raise ModelError(f"{folder}: a brain model takes one input; {INI_NAME} says {config.number_inputs}")
+    if config.background_cropping in ("brain_mask", "brain_clip"):
+        raise ModelError(f"{folder}: a brain model cannot crop to the brain (background_cropping = "
+                         f"{config.background_cropping})")
+    model_files(folder)
+    return folder
+
+
+def brain_model_provenance(folder: str | Path) -> dict[str, Any]:
+    """What the sidecars and the report say about a Raidionics brain model: name, folder, files' md5, record."""
+    from bids_postop.models.registry import file_md5, read_install_record
+
+    folder = Path(folder)
+    record = read_install_record(folder)
+    return {"method": "raidionics", "model": folder.name, "folder": str(folder),
+            "onnx_md5": {str(p.relative_to(folder)): file_md5(p) for p in model_files(folder)},
+            **({"installed_from": record} if record else {})}
 
 
 def extract_brain_raidionics(image: str | Path, *, model_folder: str | Path, out_mask: str | Path,

@@ -41,7 +41,7 @@ CHANNEL_NAMES: dict[Role, str] = {
     "preop_t1ce": "preop-T1w-CE",
     "preop_mask": "noNorm",
 }
-# nnU-Net dataset ids of the training datasets (the demo script uses 941–945).
+# nnU-Net dataset ids of the training datasets.
 DATASET_IDS: dict[str, int] = {"A": 951, "B": 952, "C": 953, "D": 954, "E": 955}
 LABELS = {"background": 0, "residual_tumor": 1}
 _MASK_NAME = re.compile(r"_label-tumor(_desc-[a-zA-Z0-9]+)?_mask\.nii(\.gz)?$")
@@ -100,7 +100,7 @@ def _node_name(text: str) -> str:
 
 
 def prepare_participant(inputs: ParticipantInputs, roles: Sequence[Role], *, work_dir: Path,
-                        brain_method: str = "deepbet", device: str = "auto",
+                        brain_method: str = "deepbet", brain_model: str | None = None, device: str = "auto",
                         omp_nthreads: int = 1) -> dict[Role, Path]:
     """Run the participant level's registration + brain extraction + skull stripping for ``roles``.
 
@@ -114,7 +114,7 @@ def prepare_participant(inputs: ParticipantInputs, roles: Sequence[Role], *, wor
 
     roles = [r for r in dict.fromkeys(["postop_t1ce", *roles]) if r in inputs.files]
     workflow = pe.Workflow(name=_node_name(f"prep_{inputs.participant_id}"), base_dir=str(work_dir))
-    channels_wf = init_channels_wf(roles=roles, brain_method=brain_method, device=device,
+    channels_wf = init_channels_wf(roles=roles, brain_method=brain_method, brain_model=brain_model, device=device,
                                    omp_nthreads=omp_nthreads)
     for role in roles:
         setattr(channels_wf.inputs.inputnode, role, str(inputs.files[role]))
@@ -127,7 +127,8 @@ def prepare_participant(inputs: ParticipantInputs, roles: Sequence[Role], *, wor
 
 
 def prepare_cases(participants: Sequence[ParticipantInputs], *, configs: Sequence[str], manual_root: Path,
-                  work_dir: Path, brain_method: str = "deepbet", device: str = "auto", omp_nthreads: int = 1,
+                  work_dir: Path, brain_method: str = "deepbet", brain_model: str | None = None, device: str = "auto",
+                  omp_nthreads: int = 1,
                   progress: Callable[[str], None] = LOG.info) -> list[PreparedCase]:
     """Prepare every participant that has a manual mask and the inputs of at least one of ``configs``."""
     wanted: set[Role] = {r for c in configs for r in CONFIGURATIONS[c]}  # type: ignore[index]
@@ -152,7 +153,8 @@ def prepare_cases(participants: Sequence[ParticipantInputs], *, configs: Sequenc
         progress(f"data preparation {i}/{len(participants)}: {p.participant_id} "
                  f"({', '.join(r for r in p.files if r in wanted)})")
         files = prepare_participant(p, [r for r in wanted if r in p.files], work_dir=work_dir,
-                                    brain_method=brain_method, device=device, omp_nthreads=omp_nthreads)
+                                    brain_method=brain_method, brain_model=brain_model, device=device,
+                                    omp_nthreads=omp_nthreads)
         cases.append(PreparedCase(participant_id=p.participant_id, site=p.site, channels=files, label=mask))
     return cases
 

@@ -29,9 +29,12 @@ def init_participant_wf(
     output_dir: Path,
     bids_dir: Path,
     brain_method: str = "deepbet",
+    brain_model: str | None = None,
     device: str = "auto",
     omp_nthreads: int = 1,
     use_mirroring: bool = True,
+    trust_checkpoint: bool = False,
+    fast: bool = False,
     min_component_voxels: int = 20,
     gtr_cutoff_ml: float = 0.175,
     gtr_inclusive: bool = False,
@@ -42,6 +45,7 @@ def init_participant_wf(
 
     Only the inputs the model's configuration uses are registered and fed to the network; the pre-op
     tumour mask, when present, always gives the pre-op volume and the extent of resection.
+    ``fast`` runs only the model's first fold (the caller also turns mirroring off: ``--fast``).
 
     Inputs are the participant's files (``inputs.files``); outputs are written by ``ds_outputs`` into
     ``output_dir``.
@@ -53,11 +57,13 @@ def init_participant_wf(
     for role in fields:
         setattr(inputnode.inputs, role, str(inputs.files[role]))
 
-    channels_wf = init_channels_wf(roles=used, brain_method=brain_method, device=device,
+    channels_wf = init_channels_wf(roles=used, brain_method=brain_method, brain_model=brain_model, device=device,
                                    omp_nthreads=omp_nthreads)
     figures = pe.Node(ReportFigures(), name="figures", mem_gb=1)
     segment = pe.Node(Segment(model_folder=str(card.folder), device=device, threads=omp_nthreads,
-                              use_mirroring=use_mirroring), name="segment", mem_gb=4)
+                              use_mirroring=use_mirroring, trust_checkpoint=trust_checkpoint,
+                              first_fold_only=fast),
+                      name="segment", mem_gb=4)
     workflow.connect([
         (inputnode, channels_wf, [(f"{role}", f"inputnode.{role}") for role in used]),
         (channels_wf, segment, [(f"outputnode.{role}", role) for role in used]),
