@@ -96,3 +96,39 @@ def test_checkpoints_load_without_code_execution():
         for ckpt in Path(card.folder).rglob("checkpoint_*.pth"):
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
             assert "network_weights" in state and "optimizer_state" not in state
+
+
+@pytest.mark.slow
+def test_cropping_to_the_nonzero_box_gives_the_stock_result(tmp_path, card_b, demo_case):
+    """Cropping before nnU-Net (the default) equals nnU-Net's own ``predict_single_npy_array`` on the whole
+    grid: nnU-Net crops to the same nonzero box before resampling. Checked on an oblique LPS grid padded with
+    a zero margin, the layout of a skull-stripped scan with a large field of view."""
+    from dataclasses import replace
+
+    t1ce, t1 = demo_case
+    files = []
+    for name, img in (("t1ce", t1ce), ("t1", t1)):
+        moved = reoriented(img, "LPS", 5.0)
+        data = np.pad(np.asanyarray(moved.dataobj), ((7, 3), (0, 12), (4, 0)))
+        aff = moved.affine.copy()
+        aff[:3, 3] -= aff[:3, :3] @ np.array([7, 0, 4])
+        files.append(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(data, aff), files[-1])
+    cropped = predict_probability(card_b, files, options=FAST)
+    whole = predict_probability(card_b, files, options=replace(FAST, crop=False))
+    assert cropped.shape == whole.shape == nib.load(files[0]).shape
+    # identical up to float rounding (the lean two-class export resamples l1 - l0 instead of both logits)
+    assert np.abs(cropped - whole).max() < 1e-3
+    a, b = cropped > card_b.threshold, whole > card_b.threshold
+    assert b.sum() > 20
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.999
+
+
+def test_nonzero_box():
+    from bids_postop.segmentation.nnunet import nonzero_box
+
+    a, b = np.zeros((5, 6, 7)), np.zeros((5, 6, 7))
+    assert nonzero_box([a, b]) is None
+    a[1, 2, 3] = 1
+    b[3, 4, 0] = -2
+    assert nonzero_box([a, b]) == (slice(1, 4), slice(2, 5), slice(0, 4))
