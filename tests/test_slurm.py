@@ -241,7 +241,7 @@ def test_slurm_array_and_group_equal_a_local_run(slurm_env, tmp_path):
 
     try:
         resolve_models("demo")
-    except Exception as exc:  # the embedded demo model is produced by scripts/train_demo_model.py
+    except Exception as exc:  # the embedded demo models: docs/training.md
         pytest.skip(f"demo model not available: {exc}")
     assert BIDS_POSTOP.exists(), f"{BIDS_POSTOP} not found (install the package into this interpreter's env)"
     bids = tmp_path / "bids"

@@ -73,8 +73,50 @@ def test_train_tiny_nnunet_config_a(tmp_path):
         assert out.shape == ref.shape
         assert np.array_equal(out.affine, ref.affine)
 
-    # resumable: a rerun skips finished folds and preprocessing
+    # resumable: a rerun skips finished folds and preprocessing. It also asks for the demo models' recipe
+    # (docs/training.md): one fold, another inference patch, the card name, a copy of the model folder; only
+    # the export, the validation predictions and the card are redone
     log_before = set((work / "logs").glob("*.log"))
-    assert train_main([*argv, "--no-test-scoring"]) == 0
+    export = tmp_path / "export"
+    assert train_main([*argv, "--no-test-scoring", "--train-folds", "1", "--inference-patch-size", "96", "96",
+                       "96", "--model-name", "demo", "--export-to", str(export)]) == 0
     new_log = next(iter(set((work / "logs").glob("*.log")) - log_before)).read_text()
     assert "already trained" in new_log and "reused" in new_log
+    raw = json.loads((model / "bids_postop_model.json").read_text())
+    assert raw["name"] == "demo-A" and raw["nnunet"]["folds"] == [1]
+    assert not (model / "nnunet" / "fold_0").exists()
+    assert raw["threshold_selection"]["validation_participants"] == [r["participant_id"] for r in splits
+                                                                     if r["fold"] == "1"]
+    assert raw["inference_patch_size"] == [96, 96, 96] and raw["training"]["training_patch_size"] == [64, 64, 64]
+    plans = json.loads((model / "nnunet" / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["patch_size"] == [96, 96, 96]
+    ck = torch.load(model / "nnunet" / "fold_1" / "checkpoint_final.pth", weights_only=True)
+    assert tuple(ck["inference_allowed_mirroring_axes"]) == (2,)  # --tiny: left-right only
+    assert "--train-folds 1" in raw["training"]["command"]
+    assert json.loads((export / "A" / "bids_postop_model.json").read_text()) == raw
+    assert [c.name for c in resolve_models(export)] == ["demo-A"]
+
+
+def test_train_option_errors(tmp_path, capsys):
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    base = [str(bids), str(tmp_path / "work"), "--manual", str(bids)]
+    assert train_main([*base, "--folds", "2", "--train-folds", "2"]) == 64
+    assert "--train-folds 2: folds are numbered 0 to 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        train_main([*base, "--inference-patch-size", "96", "96"])
+    assert exc.value.code == 64
+
+
+def test_inference_patch_must_fit_the_network(tmp_path):
+    from bids_postop.training.nnunet import set_inference_patch_size
+
+    (tmp_path / "nnunet").mkdir()
+    plans = {"configurations": {"3d_fullres": {"patch_size": [64, 64, 64], "architecture": {"arch_kwargs": {
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 1]]}}}}}
+    (tmp_path / "nnunet" / "plans.json").write_text(json.dumps(plans))
+    assert set_inference_patch_size(tmp_path, [96, 96, 20]) == [64, 64, 64]
+    assert json.loads((tmp_path / "nnunet" / "plans.json").read_text())["configurations"]["3d_fullres"][
+        "patch_size"] == [96, 96, 20]
+    with pytest.raises(ValueError, match=r"multiple of the network's total stride \[8, 8, 4\]"):
+        set_inference_patch_size(tmp_path, [96, 90, 20])

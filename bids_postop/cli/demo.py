@@ -18,8 +18,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bids_postop-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("outdir", type=Path, help="where the demo BIDS dataset and its derivatives are written")
-    parser.add_argument("--seed", type=int, default=0, help="simulation seed (default: 0)")
-    parser.add_argument("--participants", type=int, default=4, help="number of participants (default: 4, min 4)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="simulation seed (default: 0; with --training-set: 1000, and at least 1000)")
+    parser.add_argument("--participants", type=int, default=None,
+                        help="number of participants (default: 4, min 4; with --training-set: 32)")
+    parser.add_argument("--training-set", action="store_true",
+                        help="write a simulated BIDS training set for bids_postop-train instead (all inputs, "
+                             "--sites hospitals, manual and pre-op masks as derivatives; seeds >= 1000, disjoint "
+                             "from the demo's) and stop: see docs/training.md")
+    parser.add_argument("--sites", type=int, default=4, help="with --training-set: number of sites, 2-6 (default: 4)")
     parser.add_argument("--nprocs", type=int, default=None, help="processes (default: CPU count, at most 8)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dataset-only", action="store_true", help="write the dataset, do not run the pipeline")
@@ -58,13 +65,35 @@ def compare_with_truth(root: Path, output_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def write_training_set(parser: argparse.ArgumentParser, args: argparse.Namespace, root: Path) -> int:
+    """``--training-set``: write the simulated training set and say how to train on it."""
+    from bids_postop.demo.training_set import write_training_dataset
+
+    seed = 1000 if args.seed is None else args.seed
+    n = 32 if args.participants is None else args.participants
+    print(f"bids_postop-demo: writing a simulated BIDS training set ({n} participants, {args.sites} sites, "
+          f"seed {seed}) to {root}", flush=True)
+    try:
+        data = write_training_dataset(root, n_participants=n, n_sites=args.sites, seed=seed)
+    except ValueError as exc:
+        parser.error(str(exc))
+    n_rt = sum(p.residual for p in data.participants)
+    print(f"{len(data.participants)} participants ({n_rt} with residual tumour) at sites {', '.join(data.sites)}.\n"
+          f"Train on it with bids_postop-train {root} WORK_DIR --manual manual={root / 'derivatives' / 'manual'} "
+          f"-d preop={root / 'derivatives' / 'preop_masks'} ... (docs/training.md)", flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    root = args.outdir.expanduser().resolve()
+    if args.training_set:
+        return write_training_set(parser, args, root)
     from bids_postop.demo.dataset import write_demo_dataset
 
-    root = args.outdir.expanduser().resolve()
     print(f"bids_postop-demo: writing the simulated BIDS dataset to {root}", flush=True)
-    write_demo_dataset(root, seed=args.seed, n_participants=max(4, args.participants))
+    write_demo_dataset(root, seed=args.seed or 0, n_participants=max(4, args.participants or 4))
     if args.dataset_only:
         return 0
     from bids_postop.cli.run import main as run_main

@@ -15,7 +15,8 @@ The ground-truth residual mask is the union of the fragments (empty for gross to
 The pre-operative T1w-CE is the real T1w-CE and the pre-operative tumour mask the real tumour mask.
 
 This module also holds the small geometry helpers (site grids, rigid motion, resampling) that the demo
-dataset writer (:mod:`bids_postop.demo.dataset`) and ``scripts/train_demo_model.py`` share.
+dataset writer (:mod:`bids_postop.demo.dataset`) and the training-set writer
+(:mod:`bids_postop.demo.training_set`) share.
 """
 
 from __future__ import annotations

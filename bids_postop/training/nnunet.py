@@ -228,6 +228,31 @@ def export_model(dataset_id: int, model_dir: Path, folds: Sequence[int], *,
     return nn_out
 
 
+def set_inference_patch_size(model_dir: Path, patch_size: Sequence[int]) -> list[int]:
+    """Write the sliding-window patch of inference into ``model_dir/nnunet/plans.json`` (3d_fullres).
+
+    Training used the planned patch; the network is fully convolutional, so any patch whose sides are
+    multiples of the network's total stride works (larger patches: fewer tiles). ``patch_size`` is in
+    nnU-Net's axis order. Returns the previous patch. Raises ``ValueError`` for a side that is no multiple.
+    """
+    plans_file = model_dir / "nnunet" / "plans.json"
+    plans = json.loads(plans_file.read_text())
+    cfg = plans["configurations"][CONFIGURATION]
+    strides = cfg["architecture"]["arch_kwargs"]["strides"]
+    total = [1, 1, 1]
+    for stride in strides:
+        total = [t * (s if isinstance(stride, list) else stride) for t, s in
+                 zip(total, stride if isinstance(stride, list) else [stride] * 3, strict=True)]
+    bad = [(v, t) for v, t in zip(patch_size, total, strict=True) if v % t]
+    if bad:
+        raise ValueError(f"inference patch {list(patch_size)}: each side must be a multiple of the network's total "
+                         f"stride {total}")
+    previous = list(cfg["patch_size"])
+    cfg["patch_size"] = [int(v) for v in patch_size]
+    plans_file.write_text(json.dumps(plans, indent=4) + "\n")
+    return previous
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 

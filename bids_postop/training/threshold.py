@@ -7,8 +7,8 @@ For every threshold 0.1, 0.2, …, 0.9 the validation probabilities are binarise
 - a *positive* patient has a manual residual volume at or above the GTR cut-off (0.175 ml);
 - patient-wise recall = TP / positives, TP as in :func:`bids_postop.evaluation.classification.patient_outcome`
   (prediction positive too, and Dice ≥ 0.01);
-- *detected positives* (``dice_over="detected"``, default) are those TP patients; the demo training script
-  used every case with non-empty truth and prediction (``dice_over="nonempty"``).
+- *detected positives* (``dice_over="detected"``, default) are those TP patients; ``dice_over="nonempty"``
+  counts every case with non-empty truth and prediction (what the first demo models were chosen with).
 
 The best score wins (ties: the threshold closest to 0.5); when no threshold has a score ≥ 0.05 (no
 positive patient, or nothing detected) the default 0.5 is kept and the reason recorded.
