@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import REQUIRED_TOOLS
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = REPO / "scripts" / "slurm"
@@ -202,18 +203,25 @@ def _slurm_env() -> dict[str, str]:
     return env
 
 
+def _no_cluster(reason: str) -> None:
+    """Skip, unless .ci/run started a cluster (BIDS_POSTOP_REQUIRED_TOOLS lists slurm): then fail."""
+    if "slurm" in REQUIRED_TOOLS:
+        pytest.fail(f"a local Slurm cluster was started for this run but: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def slurm_env():
     if shutil.which("sbatch") is None or shutil.which("squeue") is None:
-        pytest.skip("Slurm client tools (sbatch) not installed; see scripts/slurm/start_local_cluster.sh")
+        _no_cluster("Slurm client tools (sbatch) not installed; see scripts/slurm/start_local_cluster.sh")
     env = _slurm_env()
     try:
         info = subprocess.run(["sinfo", "-h", "-o", "%T %c %m"], env=env, capture_output=True, text=True,
                               timeout=30)
     except subprocess.TimeoutExpired:
-        pytest.skip("sinfo timed out: no Slurm cluster reachable")
+        _no_cluster("sinfo timed out: no Slurm cluster reachable")
     if info.returncode != 0 or not info.stdout.strip():
-        pytest.skip(f"no Slurm cluster reachable (sinfo: {info.stderr.strip()[:200]}); start one with "
+        _no_cluster(f"no Slurm cluster reachable (sinfo: {info.stderr.strip()[:200]}); start one with "
                     "eval \"$(scripts/slurm/start_local_cluster.sh)\"")
     return env
 
