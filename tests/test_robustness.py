@@ -230,10 +230,15 @@ def write_large_int16(path: Path, shape: tuple[int, int, int], zooms=(0.25, 0.25
 
 
 def peak_rss_gib(code: str) -> tuple[float, str]:
-    """Run ``code`` in a fresh interpreter; return its peak RSS (GiB) and its stdout."""
+    """Run ``code`` in a fresh interpreter; return its peak RSS (GiB) and its stdout.
+
+    The peak is the interpreter's own ``VmHWM`` (reset by exec), not ``ru_maxrss``: Linux carries the
+    latter over from the forking process, so a child of a big pytest process would report pytest's size.
+    """
     script = textwrap.dedent(code) + textwrap.dedent("""
-        import resource
-        print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        from pathlib import Path
+        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+        print("PEAK_KIB", hwm.split()[1])
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
