@@ -653,14 +653,20 @@ def resolve_brain_model(spec: str | Path = BRAIN_MODEL) -> Path:
                              ) from exc
     if not (folder / INI_NAME).is_file():
         raise ModelError(f"{folder}: not a Raidionics model folder (no {INI_NAME}); {fetch_hint}")
+    _brain_model_config(folder)
+    model_files(folder)
+    return folder
+
+
+def _brain_model_config(folder: Path) -> RaidionicsConfig:
+    """``folder``'s pre-processing, refused unless it suits a brain model (one input, no brain cropping)."""
     config = read_preprocessing_ini(folder)
     if config.number_inputs != 1:
         raise ModelError(f"{folder}: a brain model takes one input; {INI_NAME} says {config.number_inputs}")
     if config.background_cropping in ("brain_mask", "brain_clip"):
         raise ModelError(f"{folder}: a brain model cannot crop to the brain (background_cropping = "
                          f"{config.background_cropping})")
-    model_files(folder)
-    return folder
+    return config
 
 
 def brain_model_provenance(folder: str | Path) -> dict[str, Any]:
@@ -683,12 +689,7 @@ def extract_brain_raidionics(image: str | Path, *, model_folder: str | Path, out
     the image's affine and sform/qform codes. Raises :class:`InputDataError` when no brain is found.
     """
     model_folder = Path(model_folder).expanduser().resolve()
-    config = read_preprocessing_ini(model_folder)
-    if config.number_inputs != 1:
-        raise ModelError(f"{model_folder}: a brain model takes one input; {INI_NAME} says {config.number_inputs}")
-    if config.background_cropping in ("brain_mask", "brain_clip"):
-        raise ModelError(f"{model_folder}: a brain model cannot crop to the brain (background_cropping = "
-                         f"{config.background_cropping})")
+    config = _brain_model_config(model_folder)
     img = load_3d(image, what="image for brain extraction")
     prepared = preprocess([img.get_fdata(dtype=np.float32)], img.affine, config)
     probabilities = run_folds(model_files(model_folder), prepared.data, config, device=device, threads=threads)
