@@ -165,3 +165,31 @@ def tiny_nnunet(tmp_path_factory) -> dict[str, Path]:
     name = f"Dataset{TINY_NNUNET_DATASET_ID:03d}_Tiny"
     return {"root": root, "results": root / "results" / name / "nnUNetTrainer__nnUNetPlans__3d_fullres",
             "model": root / "exported" / "nnunet", "test_input": root / "test_input"}
+
+
+# three hospitals over the six participants of write_demo_dataset(seed=5, n_participants=6): enough for
+# hospital folds plus a held-out test site in the training tests
+THREE_SITES = {"sub-01": "north", "sub-02": "north", "sub-03": "south", "sub-04": "south",
+               "sub-05": "east", "sub-06": "east"}
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def write_three_site_demo(bids: Path) -> None:
+    """The demo dataset (6 participants) with its two sites relabelled into the three of THREE_SITES
+    (geometry stays per participant)."""
+    import csv
+
+    from bids_postop.demo.dataset import write_demo_dataset
+
+    write_demo_dataset(bids, seed=5, n_participants=6)
+    rows = read_tsv(bids / "participants.tsv")
+    with (bids / "participants.tsv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**r, "site": THREE_SITES[r["participant_id"]]} for r in rows)

@@ -7,7 +7,6 @@ step runs in a subprocess, as in production.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
@@ -19,7 +18,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import affine_for
+from conftest import THREE_SITES, affine_for, read_tsv, write_three_site_demo
 
 from bids_postop.agunet.architecture import TINY_SPEC, NetworkSpec, adapt_weights
 from bids_postop.agunet.augment import Augmentation, augment
@@ -266,29 +265,16 @@ def test_worker_trains_resumes_and_starts_from_a_one_channel_model(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # bids_postop-train --architecture agunet end to end
 
-SITES = {"sub-01": "north", "sub-02": "north", "sub-03": "south", "sub-04": "south",
-         "sub-05": "east", "sub-06": "east"}
-
-
-def _rows(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
 
 
 @pytest.mark.slow
 def test_train_tiny_agunet_end_to_end(tmp_path):
     from bids_postop.cli.run import main as run_main
     from bids_postop.cli.train import main as train_main
-    from bids_postop.demo.dataset import write_demo_dataset
     from bids_postop.segmentation.models import read_card, resolve_models
 
     bids = tmp_path / "bids"
-    write_demo_dataset(bids, seed=5, n_participants=6)
-    rows = _rows(bids / "participants.tsv")
-    with (bids / "participants.tsv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({**r, "site": SITES[r["participant_id"]]} for r in rows)
+    write_three_site_demo(bids)
     work = tmp_path / "train"
     argv = [str(bids), str(work), "--manual", f"manual={bids / 'derivatives' / 'manual'}", "--config", "A",
             "--architecture", "agunet", "--tiny", "--epochs", "2", "--iterations", "1", "--effective-batch-size",
@@ -298,7 +284,7 @@ def test_train_tiny_agunet_end_to_end(tmp_path):
     assert train_main(argv) == 0
     train_seconds = time.monotonic() - start
 
-    splits = _rows(work / "splits.tsv")
+    splits = read_tsv(work / "splits.tsv")
     folds_of_site: dict[str, set[str]] = {}
     for r in splits:
         folds_of_site.setdefault(r["site"], set()).add(r["fold"])
@@ -309,8 +295,8 @@ def test_train_tiny_agunet_end_to_end(tmp_path):
         job = json.loads((work / "agunet" / "A" / f"fold_{fold}" / "job.json").read_text())
         assert not {"sub-05", "sub-06"} & set(job["train"] + job["val"])
         assert not set(job["train"]) & set(job["val"]) and len(job["val"]) == 2
-        sites = {SITES[p] for p in job["val"]}
-        assert len(sites) == 1 and not sites & {SITES[p] for p in job["train"]}
+        sites = {THREE_SITES[p] for p in job["val"]}
+        assert len(sites) == 1 and not sites & {THREE_SITES[p] for p in job["train"]}
 
     model = work / "agunet" / "models" / "A"
     card = read_card(model)

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import read_tsv, write_three_site_demo
 
 from bids_postop.cli.train import main as train_main
-from bids_postop.demo.dataset import write_demo_dataset
 from bids_postop.segmentation.models import read_card, resolve_models
-
-SITES = {"sub-01": "north", "sub-02": "north", "sub-03": "south", "sub-04": "south",
-         "sub-05": "east", "sub-06": "east"}
-
-
-def _rows(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
 
 
 @pytest.mark.slow
@@ -27,13 +18,7 @@ def test_train_tiny_nnunet_config_a(tmp_path):
     import torch
 
     bids = tmp_path / "bids"
-    write_demo_dataset(bids, seed=5, n_participants=6)
-    # the demo has two sites; relabel into three hospitals (geometry stays per participant)
-    rows = _rows(bids / "participants.tsv")
-    with (bids / "participants.tsv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({**r, "site": SITES[r["participant_id"]]} for r in rows)
+    write_three_site_demo(bids)
     work = tmp_path / "train"
     argv = [str(bids), str(work), "--manual", f"manual={bids / 'derivatives' / 'manual'}", "--config", "A",
             "--tiny", "--epochs", "1", "--iterations", "3", "--folds", "2", "--test-site", "east",
@@ -41,7 +26,7 @@ def test_train_tiny_nnunet_config_a(tmp_path):
     assert train_main(argv) == 0
 
     # hospital folds: balanced, no site in two folds, the test site in none
-    splits = _rows(work / "splits.tsv")
+    splits = read_tsv(work / "splits.tsv")
     folds_of_site: dict[str, set[str]] = {}
     for r in splits:
         folds_of_site.setdefault(r["site"], set()).add(r["fold"])
