@@ -40,8 +40,12 @@ def test_fast_option_sets_the_preset(tmp_path):
     default, fast = settings_from_args(base), settings_from_args([*base, "--fast"])
     assert (default.fast, default.use_mirroring) == (False, True)
     assert (fast.fast, fast.use_mirroring) == (True, False)
-    assert preset_provenance(fast) == {"name": "fast", "folds": "first fold only", "test_time_mirroring": False}
-    assert preset_provenance(default)["name"] == "default"
+    assert preset_provenance(fast) == {"name": "fast", "folds": "first fold only", "test_time_mirroring": False,
+                                       "precision": "bf16", "nnunet_engine": "auto"}
+    assert preset_provenance(default) == {"name": "default", "folds": "all folds averaged",
+                                          "test_time_mirroring": True, "precision": "fp32", "nnunet_engine": "auto"}
+    explicit = settings_from_args([*base, "--fast", "--precision", "fp32", "--nnunet-engine", "torch"])
+    assert (explicit.precision, explicit.nnunet_engine) == ("fp32", "torch")
 
 
 @pytest.mark.slow
@@ -57,6 +61,7 @@ def test_segment_runs_one_fold_without_mirroring_under_fast(tmp_path, two_fold_m
     if fast:
         assert info["folds"] == [0] and info["n_networks"] == 1
         assert info["use_mirroring"] is False and info["mirror_axes"] == []
+        assert (info["engine"], info["precision"]) == ("onnxruntime", "fp32")  # the Segment node's default
     else:
         assert info["folds"] == [0, 1] and info["n_networks"] == 2
         assert info["use_mirroring"] is True and info["mirror_axes"] == [2]  # the demo model's left-right axis
@@ -75,3 +80,7 @@ def test_workflow_passes_the_preset_to_the_segment_node(tmp_path):
                                  use_mirroring=not fast, fast=fast)
         segment = wf.get_node("segment")
         assert (segment.inputs.first_fold_only, segment.inputs.use_mirroring) == (fast, not fast)
+    wf = init_participant_wf(inputs=inputs, card=card, output_dir=tmp_path / "out", bids_dir=tmp_path,
+                             precision="bf16", nnunet_engine="torch")
+    segment = wf.get_node("segment")
+    assert (segment.inputs.precision, segment.inputs.nnunet_engine) == ("bf16", "torch")

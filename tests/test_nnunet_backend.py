@@ -132,3 +132,44 @@ def test_nonzero_box():
     a[1, 2, 3] = 1
     b[3, 4, 0] = -2
     assert nonzero_box([a, b]) == (slice(1, 4), slice(2, 5), slice(0, 4))
+
+
+def test_onnxruntime_engine_gives_the_torch_result(tmp_path, card_b, demo_case, caplog):
+    """The default CPU engine answers nnU-Net's network calls with onnxruntime (fp32): same tiles, Gaussian,
+    mirroring and fold averaging as torch, probabilities equal up to float rounding. The bf16 torch path is
+    reported as such and stays close to fp32 on this trained model."""
+    import logging
+    from dataclasses import replace
+
+    t1ce, t1 = demo_case
+    files = [tmp_path / "t1ce.nii.gz", tmp_path / "t1.nii.gz"]
+    for img, path in zip((t1ce, t1), files, strict=True):
+        nib.save(img, path)
+    mirrored = NnUNetOptions(device="cpu", use_mirroring=True)
+    reports = {}
+    probabilities = {}
+    with caplog.at_level(logging.WARNING, logger="bids_postop"):
+        for name, options in (("torch", replace(mirrored, engine="torch")), ("auto", mirrored),
+                              ("bf16", replace(mirrored, bf16=True))):
+            reports[name] = {}
+            probabilities[name] = predict_probability(card_b, files, options=options, report=reports[name])
+    assert not [r for r in caplog.records if "onnxruntime" in r.getMessage()], caplog.text
+    assert reports["auto"]["engine"] == "onnxruntime" and reports["auto"]["precision"] == "fp32"
+    assert reports["torch"]["engine"] == "torch" and reports["torch"]["precision"] == "fp32"
+    from bids_postop.segmentation.nnunet_onnx import cpu_computes_bf16
+
+    if cpu_computes_bf16():  # elsewhere bf16 falls back to fp32 (and onnxruntime)
+        assert reports["bf16"]["engine"] == "torch" and reports["bf16"]["precision"] == "bf16"
+    assert reports["auto"]["mirror_axes"] == reports["torch"]["mirror_axes"] != []
+    torch_p, ort_p, bf16_p = probabilities["torch"], probabilities["auto"], probabilities["bf16"]
+    assert np.abs(torch_p - ort_p).max() < 1e-3
+
+    def dice(a, b):
+        a, b = a > card_b.threshold, b > card_b.threshold
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    assert (torch_p > card_b.threshold).sum() > 20
+    print(f"max |torch - onnxruntime| {np.abs(torch_p - ort_p).max():.2e}, Dice {dice(torch_p, ort_p):.5f}; "
+          f"max |fp32 - bf16| {np.abs(torch_p - bf16_p).max():.2e}, Dice {dice(torch_p, bf16_p):.5f}")
+    assert dice(torch_p, ort_p) >= 0.99  # the issue's equivalence bound; 0.9990 measured (voxels at the threshold)
+    assert dice(torch_p, bf16_p) >= 0.95  # bf16 changes probabilities; by how much is in benchmarks/RESULTS.md

@@ -114,7 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fast", action="store_true",
                    help="speed preset: only the model's first fold and no mirroring test-time augmentation "
                         "(nnU-Net: 1/(8 x folds) of the default network work; the measured accuracy cost is in "
-                        "benchmarks/RESULTS.md). Default preset: every fold averaged, with mirroring")
+                        "benchmarks/RESULTS.md), and bf16 networks where the CPU computes in bf16 "
+                        "(--precision). Default preset: every fold averaged, with mirroring, fp32")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="CPU arithmetic of nnU-Net networks: bf16 (torch autocast; about half the time on CPUs "
+                        "with AVX512-BF16 or AMX, probabilities change slightly: benchmarks/RESULTS.md) or fp32. "
+                        "auto: bf16 with --fast, else fp32. On a GPU nnU-Net's own fp16 autocast is used")
+    g.add_argument("--nnunet-engine", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="what runs nnU-Net networks on the CPU in fp32: onnxruntime (about 0.75x torch's time, "
+                        "same probabilities to 1e-3) or torch. auto: onnxruntime on the CPU in fp32, torch on a "
+                        "GPU or in bf16")
     g.add_argument("--min-component-voxels", type=int, default=20, metavar="N",
                    help="remove residual components smaller than N voxels (default: 20)")
     g.add_argument("--gtr-cutoff-ml", type=float, default=0.175, metavar="ML",

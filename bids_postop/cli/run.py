@@ -60,6 +60,8 @@ def settings_from_args(argv: Sequence[str] | None) -> RunSettings:
         stop_on_first_crash=args.stop_on_first_crash, min_component_voxels=args.min_component_voxels,
         gtr_cutoff_ml=args.gtr_cutoff_ml, gtr_inclusive=args.gtr_inclusive,
         use_mirroring=args.use_mirroring and not args.fast, fast=args.fast,
+        precision=args.precision if args.precision != "auto" else "bf16" if args.fast else "fp32",
+        nnunet_engine=args.nnunet_engine,
         reports_only=args.reports_only, clean_workdir=args.clean_workdir, boilerplate=args.boilerplate,
         rater_groups=args.rater_groups, folds=args.folds, compare=dict(args.compare),
         n_bootstrap=args.n_bootstrap, seed=args.seed, verbosity=args.verbosity,
@@ -199,10 +201,12 @@ def resolve_brain_extraction(settings: RunSettings) -> tuple[str | None, dict]:
 
 
 def preset_provenance(settings: RunSettings) -> dict:
-    """The speed preset, for the outputs' provenance: ``--fast`` runs the first fold without mirroring."""
+    """The speed preset, for the outputs' provenance: ``--fast`` runs the first fold without mirroring, in bf16
+    where the CPU computes in bf16 (what ran is in the work directory's ``segment.json``: engine, precision)."""
     return {"name": "fast" if settings.fast else "default",
             "folds": "first fold only" if settings.fast else "all folds averaged",
-            "test_time_mirroring": settings.use_mirroring}
+            "test_time_mirroring": settings.use_mirroring, "precision": settings.precision,
+            "nnunet_engine": settings.nnunet_engine}
 
 
 def write_boilerplate(settings: RunSettings) -> Path:
@@ -243,7 +247,8 @@ def run_one_participant(settings: RunSettings, inputs, card, provenance, *,
         inputs=inputs, card=card, output_dir=settings.output_dir, bids_dir=settings.bids_dir,
         brain_method=settings.brain_method, brain_model=brain_model, device=settings.device,
         omp_nthreads=settings.omp_nthreads, use_mirroring=settings.use_mirroring,
-        trust_checkpoint=settings.trust_checkpoint, fast=settings.fast,
+        trust_checkpoint=settings.trust_checkpoint, fast=settings.fast, precision=settings.precision,
+        nnunet_engine=settings.nnunet_engine,
         min_component_voxels=settings.min_component_voxels,
         gtr_cutoff_ml=settings.gtr_cutoff_ml, gtr_inclusive=settings.gtr_inclusive,
         provenance={**provenance, "configuration": card.configuration, "preset": preset_provenance(settings)})

@@ -133,6 +133,8 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     use_mirroring = traits.Bool(True, usedefault=True)
     trust_checkpoint = traits.Bool(False, usedefault=True, desc="allow full (pickle) loading of nnU-Net checkpoints")
     first_fold_only = traits.Bool(False, usedefault=True, desc="run only the model's first fold (--fast)")
+    precision = traits.Enum("fp32", "bf16", usedefault=True, desc="nnU-Net networks on the CPU (--precision)")
+    nnunet_engine = traits.Enum("auto", "torch", "onnxruntime", usedefault=True, desc="--nnunet-engine")
     postop_t1ce = File(exists=True, mandatory=True)
     postop_t1 = File(exists=True)
     postop_flair = File(exists=True)
@@ -171,7 +173,8 @@ class Segment(SimpleInterface):
             card, channels, brain_mask=self.inputs.brain_mask if isdefined(self.inputs.brain_mask) else None,
             device=resolve_device(self.inputs.device), threads=self.inputs.threads,
             use_mirroring=self.inputs.use_mirroring, trust_checkpoint=self.inputs.trust_checkpoint,
-            first_fold_only=self.inputs.first_fold_only, report=(report := {}))
+            first_fold_only=self.inputs.first_fold_only, precision=self.inputs.precision,
+            nnunet_engine=self.inputs.nnunet_engine, report=(report := {}))
         out = write_like(probability, nib.load(self.inputs.postop_t1ce), Path(runtime.cwd) / "probseg.nii.gz")
         self._results["out_file"] = str(out)
         info = Path(runtime.cwd) / "segment.json"

@@ -30,6 +30,7 @@ import numpy as np
 
 from bids_postop.core.images import from_ras, load_3d, ras_voxel_sizes, same_grid, to_ras
 from bids_postop.errors import InputDataError, ModelError
+from bids_postop.segmentation import nnunet_onnx
 from bids_postop.segmentation.models import ModelCard
 
 LOG = logging.getLogger("bids_postop")
@@ -44,7 +45,8 @@ class NnUNetOptions:
     folds: tuple[int | str, ...] | None = None  # None: the card's folds, else every fold_* present
     crop: bool = True  # crop to the channels' nonzero box before nnU-Net (same result, less work)
     threads: int | None = None  # torch threads for the steps nnU-Net runs with its own count; None: torch's
-    bf16: bool = False  # CPU: bfloat16 autocast of the network (changes probabilities slightly; benchmarks only)
+    bf16: bool = False  # CPU: bfloat16 autocast of the network (torch engine; changes probabilities slightly)
+    engine: str = "auto"  # "torch", "onnxruntime" (CPU fp32) or "auto" (see nnunet_onnx.resolve_engine)
     trust_checkpoint: bool = False  # allow checkpoints that need pickle (can run code from the file)
 
 
@@ -242,11 +244,17 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
     predictor = build_predictor(folder, tuple(folds), checkpoint, options.device, options.use_mirroring,
                                 options.tile_step_size, options.trust_checkpoint)
     box = nonzero_box(arrays) if options.crop else None
+    bf16 = options.bf16 and predictor.device.type == "cpu" and nnunet_onnx.cpu_computes_bf16()
+    if options.bf16 and predictor.device.type == "cpu" and not bf16:
+        LOG.info("bf16 requested but this CPU has no bf16 instructions (AVX512-BF16/AMX): running fp32")
+    engine = nnunet_onnx.resolve_engine(options.engine, predictor.device.type, bf16) if box else "torch"
     if report is not None:
         report.update(backend="nnunet", folds=list(folds), n_networks=len(predictor.list_of_parameters),
                       use_mirroring=bool(predictor.use_mirroring),
                       mirror_axes=list(predictor.allowed_mirroring_axes or ()) if predictor.use_mirroring else [],
-                      tile_step_size=float(predictor.tile_step_size),
+                      tile_step_size=float(predictor.tile_step_size), engine=engine,
+                      precision="bf16" if bf16 and engine == "torch"
+                      else "fp32" if predictor.device.type == "cpu" else "fp16 autocast (nnU-Net)",
                       cropped_box=None if box is None else [[s.start, s.stop] for s in box])
     if box is None:  # the stock path on the whole grid (also when every voxel is 0)
         _, probabilities = predictor.predict_single_npy_array(np.stack(arrays), {"spacing": spacing}, None, None,
@@ -255,7 +263,7 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
     else:
         foreground = np.zeros(arrays[0].shape, dtype=np.float32)
         foreground[box] = _predict_box(predictor, np.stack([a[box] for a in arrays]), spacing, options.threads,
-                                       bf16=options.bf16)
+                                       bf16=bf16, engine=engine)
     return np.ascontiguousarray(from_ras(foreground.transpose(2, 1, 0), reference.affine), dtype=np.float32)
 
 
@@ -275,17 +283,27 @@ def nonzero_box(arrays: Sequence[np.ndarray]) -> tuple[slice, ...] | None:
 
 
 def _predict_box(predictor: Any, data: np.ndarray, spacing: list[float], threads: int | None, *,
-                 bf16: bool = False) -> np.ndarray:
+                 bf16: bool = False, engine: str = "torch") -> np.ndarray:
     """Foreground probability of a (C, z, y, x) box: nnU-Net's preprocessing, sliding window and resampling
-    back, i.e. ``predict_single_npy_array`` without its whole-grid work."""
+    back, i.e. ``predict_single_npy_array`` without its whole-grid work. ``engine`` "onnxruntime" answers
+    the network calls with onnxruntime sessions (:mod:`bids_postop.segmentation.nnunet_onnx`)."""
     import torch
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
     data, properties = _preprocess_for_inference(predictor, data, spacing)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and predictor.device.type == "cpu")
-    with autocast:
-        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().float()
-    del data
+    tensor = torch.from_numpy(data)
+    logits = None
+    if engine == "onnxruntime":
+        try:
+            logits = nnunet_onnx.predict_logits(predictor, tensor, threads or torch.get_num_threads()).float()
+        except Exception as exc:  # torch.onnx / onnxruntime raise many types; torch gives the same result
+            LOG.warning("onnxruntime could not run this nnU-Net network (%s: %s); running it with torch",
+                        type(exc).__name__, exc)
+    if logits is None:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and predictor.device.type == "cpu")
+        with autocast:
+            logits = predictor.predict_logits_from_preprocessed_data(tensor).cpu().float()
+    del data, tensor
     if _lean_export_applies(predictor, logits):
         return _foreground_probability(predictor, logits, properties)
     _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(

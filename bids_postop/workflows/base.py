@@ -35,6 +35,8 @@ def init_participant_wf(
     use_mirroring: bool = True,
     trust_checkpoint: bool = False,
     fast: bool = False,
+    precision: str = "fp32",
+    nnunet_engine: str = "auto",
     min_component_voxels: int = 20,
     gtr_cutoff_ml: float = 0.175,
     gtr_inclusive: bool = False,
@@ -45,7 +47,9 @@ def init_participant_wf(
 
     Only the inputs the model's configuration uses are registered and fed to the network; the pre-op
     tumour mask, when present, always gives the pre-op volume and the extent of resection.
-    ``fast`` runs only the model's first fold (the caller also turns mirroring off: ``--fast``).
+    ``fast`` runs only the model's first fold (the caller also turns mirroring off: ``--fast``);
+    ``precision`` and ``nnunet_engine`` say how nnU-Net networks run on the CPU (``--precision``,
+    ``--nnunet-engine``).
 
     Inputs are the participant's files (``inputs.files``); outputs are written by ``ds_outputs`` into
     ``output_dir``.
@@ -62,7 +66,7 @@ def init_participant_wf(
     figures = pe.Node(ReportFigures(), name="figures", mem_gb=1)
     segment = pe.Node(Segment(model_folder=str(card.folder), device=device, threads=omp_nthreads,
                               use_mirroring=use_mirroring, trust_checkpoint=trust_checkpoint,
-                              first_fold_only=fast),
+                              first_fold_only=fast, precision=precision, nnunet_engine=nnunet_engine),
                       name="segment", mem_gb=4)
     workflow.connect([
         (inputnode, channels_wf, [(f"{role}", f"inputnode.{role}") for role in used]),
