@@ -1,7 +1,7 @@
 """Benchmark: bids_postop's nnU-Net segmentation step against the stock ``nnUNetv2_predict`` CLI (by hand).
 
     python benchmarks/nnunet_vs_stock.py --workdir /tmp/bench_stock [--case study|large] [--folds 1] [--tta]
-        [--quick] [--threads 2] [--device cpu|cuda] [--also-no-crop] [--bf16] [--skip-stock]
+        [--quick] [--threads 2] [--device cpu|cuda] [--also-no-crop] [--also-torch] [--bf16] [--skip-stock]
 
 Same model (benchmarks/make_study_models.py: the study's nnU-Net, random weights; ``--quick``: the ~8× cheaper
 variant), same skull-stripped two-channel input (benchmarks/study_cases.py, T1w-CE and T1w zeroed outside the
@@ -12,8 +12,10 @@ process and is timed from start to its written outputs:
 - **stock**: ``nnUNetv2_predict -i IN -o OUT -d 990 -c 3d_fullres -f 0 … -npp 1 -nps 1 -device cpu
   --save_probabilities [--disable_tta]`` (writes the segmentation, the ``.npz`` probabilities and a ``.pkl``);
 - **ours**: ``bids_postop.segmentation.nnunet.predict_probability`` + writing the probability NIfTI, as the
-  pipeline's segment step does (``--also-no-crop``: once more with ``crop=False``, i.e. nnU-Net's
-  ``predict_single_npy_array`` on the whole grid; ``--bf16``: once more with bfloat16 autocast).
+  pipeline's segment step does, with the default engine (onnxruntime on the CPU; ``--also-torch``: once more
+  with the torch engine; ``--also-no-crop``: once more with ``crop=False``, i.e. nnU-Net's
+  ``predict_single_npy_array`` on the whole grid; ``--bf16``: once more with bfloat16 autocast, the
+  ``--fast`` preset's precision, which runs with torch).
 
 Reported: wall time, peak RSS (process tree), time ratio ours/stock, and agreement with stock: Dice of the
 foreground (ours > 0.5 vs stock's argmax) and the largest absolute probability difference.
@@ -39,7 +41,7 @@ DATASET = "Dataset990_StudySizeB"
 
 
 def ours_command(model: Path, inputs: list[Path], out: Path, *, folds: int, tta: bool, threads: int, device: str,
-                 crop: bool = True, bf16: bool = False) -> list[str]:
+                 crop: bool = True, bf16: bool = False, engine: str = "auto") -> list[str]:
     code = textwrap.dedent(f"""
         import torch
         torch.set_num_threads({threads})
@@ -52,7 +54,7 @@ def ours_command(model: Path, inputs: list[Path], out: Path, *, folds: int, tta:
         report = {{}}
         prob = predict_probability(card, files, report=report, options=NnUNetOptions(
             device={device!r}, use_mirroring={tta!r}, folds=tuple(range({folds})), threads={threads}, crop={crop!r},
-            bf16={bf16!r}))
+            bf16={bf16!r}, engine={engine!r}))
         write_like(prob, nib.load(files[0]), {str(out)!r})
         print("REPORT", report)
     """)
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--also-no-crop", action="store_true", help="also time ours without the pre-crop")
+    parser.add_argument("--also-torch", action="store_true", help="also time ours with the torch engine (fp32)")
     parser.add_argument("--bf16", action="store_true", help="also time ours with bfloat16 autocast (CPU)")
     parser.add_argument("--skip-stock", action="store_true")
     args = parser.parse_args(argv)
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
               f"peak RSS {result['peak_tree_rss_gib']} GiB (load {load})", flush=True)
     if args.also_no_crop:
         ours("ours_no_crop", crop=False)
+    if args.also_torch:
+        ours("ours_torch", engine="torch")
     if args.bf16:
         ours("ours_bf16", bf16=True)
 

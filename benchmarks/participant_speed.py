@@ -14,7 +14,8 @@ runs ``bids_postop BIDS OUT participant`` in a fresh process with a fresh work d
 
 Variants: ``nnunet-f<K>[-tta]`` the study-size nnU-Net (benchmarks/make_study_models.py, random weights)
 with K folds averaged, with/without mirroring test-time augmentation; ``nnunet-fast`` the same model with
-``--fast``; ``agunet`` the AGU-Net-size full-volume ONNX model (Raidionics format). ``--quick`` uses the
+``--fast`` (first fold, no mirroring, bf16 where the CPU has it); a ``-torch`` suffix runs the networks with
+torch instead of the CPU default onnxruntime (``--nnunet-engine torch``); ``agunet`` the AGU-Net-size full-volume ONNX model (Raidionics format). ``--quick`` uses the
 ``nnunet_B_quick`` model (same network, 2× coarser spacing, half patch: ~8× less network work) to check the
 script in minutes; its numbers are not the study model's.
 
@@ -35,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study_cases import CASES, machine, make_case, run_measured, write_bids  # noqa: E402
 
-VARIANTS = ("nnunet-f1", "nnunet-f1-tta", "nnunet-f5", "nnunet-f5-tta", "nnunet-fast", "agunet")
+VARIANTS = ("nnunet-f1", "nnunet-f1-tta", "nnunet-f5", "nnunet-f5-tta", "nnunet-fast", "agunet",
+            "nnunet-f1-torch", "nnunet-f1-tta-torch", "nnunet-f5-tta-torch")
 
 
 def model_for(variant: str, models: Path, *, quick: bool) -> tuple[Path, list[str]]:
@@ -52,10 +54,11 @@ def model_for(variant: str, models: Path, *, quick: bool) -> tuple[Path, list[st
         msm.build_nnunet_model(models, folds=5, quick=quick)
     if variant == "nnunet-fast":
         return base, ["--fast"]
-    match = re.fullmatch(r"nnunet-f(\d)(-tta)?", variant)
+    match = re.fullmatch(r"nnunet-f(\d)(-tta)?(-torch)?", variant)
     if not match:
         raise SystemExit(f"unknown variant {variant}; choose from {VARIANTS}")
     folds, tta = int(match.group(1)), bool(match.group(2))
+    engine = ["--nnunet-engine", "torch"] if match.group(3) else []
     view = models / "variants" / f"{base.name}_f{folds}"
     if not (view / "bids_postop_model.json").is_file():  # a card that lists the folds, sharing the weights
         view.mkdir(parents=True, exist_ok=True)
@@ -64,7 +67,7 @@ def model_for(variant: str, models: Path, *, quick: bool) -> tuple[Path, list[st
         card["nnunet"]["folds"] = list(range(folds))
         (view / "bids_postop_model.json").write_text(json.dumps(card, indent=2))
         (view / "nnunet").symlink_to((base / "nnunet").resolve())
-    return view, ([] if tta else ["--no-tta"])
+    return view, ([] if tta else ["--no-tta"]) + engine
 
 
 def main(argv: list[str] | None = None) -> int:
