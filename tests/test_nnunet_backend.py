@@ -173,3 +173,22 @@ def test_onnxruntime_engine_gives_the_torch_result(tmp_path, card_b, demo_case, 
           f"max |fp32 - bf16| {np.abs(torch_p - bf16_p).max():.2e}, Dice {dice(torch_p, bf16_p):.5f}")
     assert dice(torch_p, ort_p) >= 0.99  # the issue's equivalence bound; 0.9990 measured (voxels at the threshold)
     assert dice(torch_p, bf16_p) >= 0.95  # bf16 changes probabilities; by how much is in benchmarks/RESULTS.md
+
+
+def test_onnxruntime_engine_falls_back_to_torch_when_export_fails(tmp_path, card_b, demo_case, caplog,
+                                                                  monkeypatch):
+    """Without the ``onnx`` package torch cannot export the network: the step says so and runs torch."""
+    import logging
+    import sys
+    from dataclasses import replace
+
+    t1ce, t1 = demo_case
+    files = [tmp_path / "t1ce.nii.gz", tmp_path / "t1.nii.gz"]
+    for img, path in zip((t1ce, t1), files, strict=True):
+        nib.save(img, path)
+    expected = predict_probability(card_b, files, options=replace(FAST, engine="torch"))
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what an install without onnx looks like to torch.onnx
+    with caplog.at_level(logging.WARNING, logger="bids_postop"):
+        fallback = predict_probability(card_b, files, options=replace(FAST, engine="onnxruntime"))
+    assert "onnxruntime could not run this nnU-Net network" in caplog.text
+    assert np.array_equal(fallback, expected)
