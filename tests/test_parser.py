@@ -49,7 +49,13 @@ def test_boilerplate_writes_the_methods_with_citations(tmp_path, capsys):
     text = (out / "logs" / "CITATION.md").read_text()
     assert "Helland" in text and "nnU-Net" in text and "HD-BET" in text and "deepbet" not in text
     assert "below 0.175 ml" in text
+    assert "folds averaged, with mirroring test-time augmentation)" in text
     assert text in capsys.readouterr().out
+    fast = tmp_path / "out_fast"
+    assert main([str(tmp_path / "bids"), str(fast), "participant", "--boilerplate", "--fast"]) == 0
+    text = (fast / "logs" / "CITATION.md").read_text()
+    assert ("only the model's first fold, without test-time augmentation, bfloat16 arithmetic on CPUs with "
+            "bfloat16 instructions") in text.replace("\n", " ")
 
 
 def test_clean_workdir_empties_it_and_refuses_dangerous_folders(tmp_path):

@@ -217,7 +217,8 @@ def write_boilerplate(settings: RunSettings) -> Path:
     text = methods_text(versions=package_versions(), brain_method=settings.brain_method,
                         brain_model=settings.brain_model,
                         min_component_voxels=settings.min_component_voxels, gtr_cutoff_ml=settings.gtr_cutoff_ml,
-                        gtr_inclusive=settings.gtr_inclusive)
+                        gtr_inclusive=settings.gtr_inclusive, fast=settings.fast,
+                        use_mirroring=settings.use_mirroring, precision=settings.precision)
     return atomic_write_text(settings.output_dir / "logs" / "CITATION.md", text)
 
 

@@ -25,9 +25,17 @@ CITATIONS = {
 
 
 def methods_text(*, versions: Mapping[str, str], brain_method: str = "deepbet", brain_model: str | None = None,
-                 min_component_voxels: int = 20, gtr_cutoff_ml: float = 0.175, gtr_inclusive: bool = False) -> str:
-    """The methods paragraph (Markdown) for a run with these settings and package versions."""
+                 min_component_voxels: int = 20, gtr_cutoff_ml: float = 0.175, gtr_inclusive: bool = False,
+                 fast: bool = False, use_mirroring: bool = True, precision: str = "fp32") -> str:
+    """The methods paragraph (Markdown) for a run with these settings and package versions.
+
+    ``fast``, ``use_mirroring`` and ``precision`` describe the inference preset (``--fast``, ``--no-tta``,
+    ``--precision``): a reader must know whether one fold without augmentation or the ensemble was used.
+    """
     v = dict(versions)
+    inference = ("only the model's first fold" if fast else "probabilities of the model's folds averaged") + \
+        (", with mirroring test-time augmentation" if use_mirroring else ", without test-time augmentation") + \
+        (", bfloat16 arithmetic on CPUs with bfloat16 instructions" if precision == "bf16" else "")
     if brain_method == "raidionics":
         name = brain_model or "MRI_Brain"
         name = name.rstrip("/").rsplit("/", 1)[-1]
@@ -48,7 +56,7 @@ diffeomorphic (SyN) registration, restricted to the post-operative brain mask, f
 whose tumour mask followed with nearest-neighbour interpolation. The brain was extracted from the
 post-operative T1w-CE with {brain} [4], and every registered image was skull-stripped with that mask.
 Residual enhancing tumour was segmented by a model of the input configuration available for the
-participant (nnU-Net v2 {v.get('nnunetv2', '')} [5]; fold probabilities averaged), binarised at the
+participant (nnU-Net v2 {v.get('nnunetv2', '')} [5]; {inference}), binarised at the
 model's validation threshold, and connected components smaller than {min_component_voxels} voxels were
 removed. The residual volume (voxel count × voxel volume) was computed on the native T1w-CE grid; a
 residual volume {rule} {gtr_cutoff_ml} ml was classified as gross total resection, otherwise as residual
