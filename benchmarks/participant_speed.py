@@ -15,7 +15,8 @@ runs ``bids_postop BIDS OUT participant`` in a fresh process with a fresh work d
 Variants: ``nnunet-f<K>[-tta]`` the study-size nnU-Net (benchmarks/make_study_models.py, random weights)
 with K folds averaged, with/without mirroring test-time augmentation; ``nnunet-fast`` the same model with
 ``--fast`` (first fold, no mirroring, bf16 where the CPU has it); a ``-torch`` suffix runs the networks with
-torch instead of the CPU default onnxruntime (``--nnunet-engine torch``); ``agunet`` the AGU-Net-size full-volume ONNX model (Raidionics format). ``--quick`` uses the
+torch instead of the CPU default onnxruntime (``--nnunet-engine torch``); ``agunet`` the AGU-Net-size
+full-volume ONNX model (Raidionics format). ``--quick`` uses the
 ``nnunet_B_quick`` model (same network, 2× coarser spacing, half patch: ~8× less network work) to check the
 script in minutes; its numbers are not the study model's.
 

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: bf16 with --fast, else fp32. On a GPU nnU-Net's own fp16 autocast is used")
     g.add_argument("--nnunet-engine", choices=("auto", "torch", "onnxruntime"), default="auto",
                    help="what runs nnU-Net networks on the CPU in fp32: onnxruntime (about 0.75x torch's time; "
-                        "segmentations agree with torch's at Dice >= 0.999) or torch. auto: onnxruntime on the CPU in fp32, torch on a "
+                        "segmentations agree with torch's at Dice >= 0.999) or torch. auto: onnxruntime on the "
+                        "CPU in fp32, torch on a "
                         "GPU or in bf16")
     g.add_argument("--min-component-voxels", type=int, default=20, metavar="N",
                    help="remove residual components smaller than N voxels (default: 20)")
