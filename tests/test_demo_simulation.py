@@ -224,7 +224,8 @@ def test_demo_model_card_and_checkpoint(model_dir: Path) -> None:
     assert card["configuration"] == model_dir.name
     assert card["name"] == f"demo-{model_dir.name}"
     assert card["architecture"] == "nnunet"
-    assert "not for clinical use" in card["intended_use"]
+    assert "not validated for clinical use" in card["intended_use"]
+    assert card["training"]["command"].startswith("bids_postop-train ")  # made by the documented command
     assert card["channels"] == list(CONFIGURATIONS[card["configuration"]])
     assert 0.0 < float(card["threshold"]) < 1.0
     nn = card["nnunet"]
