@@ -188,9 +188,35 @@ def test_onnxruntime_engine_falls_back_to_torch_when_export_fails(tmp_path, card
     files = [tmp_path / "t1ce.nii.gz", tmp_path / "t1.nii.gz"]
     for img, path in zip((t1ce, t1), files, strict=True):
         nib.save(img, path)
+    import weakref
+
+    from bids_postop.segmentation import nnunet_onnx
+
     expected = predict_probability(card_b, files, options=replace(FAST, engine="torch"))
     monkeypatch.setitem(sys.modules, "onnx", None)  # what an install without onnx looks like to torch.onnx
+    monkeypatch.setattr(nnunet_onnx, "_EXPORTED", weakref.WeakKeyDictionary())  # nothing exported by earlier tests
+    report = {}
     with caplog.at_level(logging.WARNING, logger="bids_postop"):
-        fallback = predict_probability(card_b, files, options=replace(FAST, engine="onnxruntime"))
+        fallback = predict_probability(card_b, files, options=replace(FAST, engine="onnxruntime"), report=report)
     assert "onnxruntime could not run this nnU-Net network" in caplog.text
     assert np.array_equal(fallback, expected)
+    assert report["engine"] == "torch"  # segment.json says what ran
+
+
+def test_onnxruntime_engine_exports_each_network_once(tmp_path, card_b, demo_case, caplog):
+    """A process that segments several participants exports the fold networks once (about 10 s each for the
+    study network), not once per participant."""
+    import logging
+
+    t1ce, t1 = demo_case
+    files = [tmp_path / "t1ce.nii.gz", tmp_path / "t1.nii.gz"]
+    for img, path in zip((t1ce, t1), files, strict=True):
+        nib.save(img, path)
+    with caplog.at_level(logging.DEBUG, logger="bids_postop"):
+        first = predict_probability(card_b, files, options=FAST)
+        caplog.clear()
+        report = {}
+        second = predict_probability(card_b, files, options=FAST, report=report)
+    assert report["engine"] == "onnxruntime"
+    assert "exported for onnxruntime" not in caplog.text
+    assert np.array_equal(first, second)

@@ -123,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nnunet-engine", choices=("auto", "torch", "onnxruntime"), default="auto",
                    help="what runs nnU-Net networks on the CPU in fp32: onnxruntime (about 0.75x torch's time; "
                         "segmentations agree with torch's at Dice >= 0.999) or torch. auto: onnxruntime on the "
-                        "CPU in fp32, torch on a "
-                        "GPU or in bf16")
+                        "CPU in fp32, torch on a GPU or in bf16")
     g.add_argument("--min-component-voxels", type=int, default=20, metavar="N",
                    help="remove residual components smaller than N voxels (default: 20)")
     g.add_argument("--gtr-cutoff-ml", type=float, default=0.175, metavar="ML",

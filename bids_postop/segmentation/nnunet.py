@@ -252,9 +252,7 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
         report.update(backend="nnunet", folds=list(folds), n_networks=len(predictor.list_of_parameters),
                       use_mirroring=bool(predictor.use_mirroring),
                       mirror_axes=list(predictor.allowed_mirroring_axes or ()) if predictor.use_mirroring else [],
-                      tile_step_size=float(predictor.tile_step_size), engine=engine,
-                      precision="bf16" if bf16 and engine == "torch"
-                      else "fp32" if predictor.device.type == "cpu" else "fp16 autocast (nnU-Net)",
+                      tile_step_size=float(predictor.tile_step_size),
                       cropped_box=None if box is None else [[s.start, s.stop] for s in box])
     if box is None:  # the stock path on the whole grid (also when every voxel is 0)
         _, probabilities = predictor.predict_single_npy_array(np.stack(arrays), {"spacing": spacing}, None, None,
@@ -262,8 +260,11 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
         foreground = np.asarray(probabilities[1], dtype=np.float32)
     else:
         foreground = np.zeros(arrays[0].shape, dtype=np.float32)
-        foreground[box] = _predict_box(predictor, np.stack([a[box] for a in arrays]), spacing, options.threads,
-                                       bf16=bf16, engine=engine)
+        foreground[box], engine = _predict_box(predictor, np.stack([a[box] for a in arrays]), spacing,
+                                               options.threads, bf16=bf16, engine=engine)
+    if report is not None:  # the engine that ran (onnxruntime may have fallen back to torch)
+        report.update(engine=engine, precision="bf16" if bf16 and engine == "torch"
+                      else "fp32" if predictor.device.type == "cpu" else "fp16 autocast (nnU-Net)")
     return np.ascontiguousarray(from_ras(foreground.transpose(2, 1, 0), reference.affine), dtype=np.float32)
 
 
@@ -283,10 +284,11 @@ def nonzero_box(arrays: Sequence[np.ndarray]) -> tuple[slice, ...] | None:
 
 
 def _predict_box(predictor: Any, data: np.ndarray, spacing: list[float], threads: int | None, *,
-                 bf16: bool = False, engine: str = "torch") -> np.ndarray:
+                 bf16: bool = False, engine: str = "torch") -> tuple[np.ndarray, str]:
     """Foreground probability of a (C, z, y, x) box: nnU-Net's preprocessing, sliding window and resampling
-    back, i.e. ``predict_single_npy_array`` without its whole-grid work. ``engine`` "onnxruntime" answers
-    the network calls with onnxruntime sessions (:mod:`bids_postop.segmentation.nnunet_onnx`)."""
+    back, i.e. ``predict_single_npy_array`` without its whole-grid work; and the engine that ran. ``engine``
+    "onnxruntime" answers the network calls with onnxruntime sessions
+    (:mod:`bids_postop.segmentation.nnunet_onnx`), falling back to torch if that fails."""
     import torch
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
@@ -299,17 +301,17 @@ def _predict_box(predictor: Any, data: np.ndarray, spacing: list[float], threads
         except Exception as exc:  # torch.onnx / onnxruntime raise many types; torch gives the same result
             LOG.warning("onnxruntime could not run this nnU-Net network (%s: %s); running it with torch",
                         type(exc).__name__, exc)
+            engine = "torch"
     if logits is None:
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and predictor.device.type == "cpu")
-        with autocast:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # bf16: CPU only (caller)
             logits = predictor.predict_logits_from_preprocessed_data(tensor).cpu().float()
     del data, tensor
     if _lean_export_applies(predictor, logits):
-        return _foreground_probability(predictor, logits, properties)
+        return _foreground_probability(predictor, logits, properties), engine
     _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, properties,
         return_probabilities=True, num_threads_torch=threads or torch.get_num_threads())
-    return np.asarray(probabilities[1], dtype=np.float32)
+    return np.asarray(probabilities[1], dtype=np.float32), engine
 
 
 def _preprocess_for_inference(predictor: Any, data: np.ndarray, spacing: list[float]) -> tuple[np.ndarray, dict]:

@@ -7,10 +7,13 @@ patch 80×192×128) in 6.9–7.1 s per forward pass against torch's 9.3–9.8 s,
 one patch; over a whole study-grid case the segmentation agrees with stock nnU-Net's at Dice 0.9995
 (benchmarks/RESULTS.md). Only the network changes; nnU-Net's predictor still tiles, mirrors and averages.
 
-Each fold's network is exported once per process with ``torch.onnx.export`` (fixed input shape: batch 1, the
-plans' patch size; nnU-Net always calls the network on whole patches), kept in memory (no file), and its
-session is freed before the next fold's is built, so at most one session's arena is held. Export is only
-attempted for the known nnU-Net network classes; anything it cannot export falls back to torch (logged).
+Each fold's network is exported once per predictor with ``torch.onnx.export`` (fixed input shape: batch 1,
+the plans' patch size; nnU-Net always calls the network on whole patches; about 10 s for the study network)
+and the ONNX bytes are kept in memory beside the predictor (no file; ~63 MiB per study-size fold), so a
+process that segments several participants exports once. Each fold's session is freed before the next one's
+is built, so at most one session's arena is held. The network classes are those ``plans.json`` may name
+(installed packages only, see ``nnunet.check_network_classes``); a network that cannot be exported or run
+falls back to torch (logged by the caller).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import io
 import logging
 import time
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -26,6 +30,9 @@ import numpy as np
 LOG = logging.getLogger("bids_postop")
 
 ENGINES = ("auto", "torch", "onnxruntime")
+
+# predictor -> {(fold index, channels, patch): ONNX bytes}; entries go with the predictor (build_predictor's cache)
+_EXPORTED: weakref.WeakKeyDictionary[Any, dict[tuple, bytes]] = weakref.WeakKeyDictionary()
 
 
 def resolve_engine(engine: str, device: str, bf16: bool = False) -> str:
@@ -93,6 +100,18 @@ def export_network(network: Any, parameters: dict, n_channels: int, patch_size: 
     return buffer.getvalue()
 
 
+def exported_network(predictor: Any, index: int, n_channels: int) -> bytes:
+    """The ONNX bytes of the predictor's fold ``index``, exported on first use."""
+    patch_size = [int(v) for v in predictor.configuration_manager.patch_size]
+    models = _EXPORTED.setdefault(predictor, {})
+    key = (index, n_channels, tuple(patch_size))
+    if key not in models:
+        start = time.perf_counter()
+        models[key] = export_network(predictor.network, predictor.list_of_parameters[index], n_channels, patch_size)
+        LOG.debug("network %d exported for onnxruntime in %.1f s", index, time.perf_counter() - start)
+    return models[key]
+
+
 def make_session(model: bytes, threads: int) -> Any:
     import onnxruntime as ort
 
@@ -108,24 +127,17 @@ def predict_logits(predictor: Any, data: Any, threads: int) -> Any:
 
     ``data`` is the preprocessed (C, z, y, x) tensor. The predictor's torch network is put back afterwards.
     """
-    import torch
-
     network = predictor.network
-    patch_size = list(predictor.configuration_manager.patch_size)
     n_channels = int(data.shape[0])
     prediction = None
     try:
-        for index, parameters in enumerate(predictor.list_of_parameters):
-            start = time.perf_counter()
-            session = make_session(export_network(network, parameters, n_channels, patch_size), threads)
-            LOG.debug("network %d exported to onnxruntime in %.1f s", index, time.perf_counter() - start)
-            predictor.network = OnnxNetwork(session)
+        for index in range(len(predictor.list_of_parameters)):
+            model = exported_network(predictor, index, n_channels)
+            predictor.network = OnnxNetwork(make_session(model, threads))  # replaces (frees) the last fold's
             logits = predictor.predict_sliding_window_return_logits(data).to("cpu")
             prediction = logits if prediction is None else prediction + logits
-            predictor.network = network
-            del session
     finally:
         predictor.network = network
     if len(predictor.list_of_parameters) > 1:
         prediction /= len(predictor.list_of_parameters)
-    return prediction if isinstance(prediction, torch.Tensor) else torch.as_tensor(prediction)
+    return prediction

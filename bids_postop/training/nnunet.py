@@ -240,9 +240,9 @@ def set_inference_patch_size(model_dir: Path, patch_size: Sequence[int]) -> list
     cfg = plans["configurations"][CONFIGURATION]
     strides = cfg["architecture"]["arch_kwargs"]["strides"]
     total = [1, 1, 1]
-    for stride in strides:
-        total = [t * (s if isinstance(stride, list) else stride) for t, s in
-                 zip(total, stride if isinstance(stride, list) else [stride] * 3, strict=True)]
+    for stride in strides:  # per stage: one stride per axis, or one for all
+        per_axis = stride if isinstance(stride, list) else [stride] * 3
+        total = [t * s for t, s in zip(total, per_axis, strict=True)]
     bad = [(v, t) for v, t in zip(patch_size, total, strict=True) if v % t]
     if bad:
         raise ValueError(f"inference patch {list(patch_size)}: each side must be a multiple of the network's total "
