@@ -24,6 +24,7 @@ from bids_postop.agunet.architecture import TINY_SPEC, NetworkSpec, adapt_weight
 from bids_postop.agunet.augment import Augmentation, augment
 from bids_postop.agunet.export import preprocessing_ini_text, write_preprocessing_ini
 from bids_postop.segmentation import raidionics as R
+from bids_postop.segmentation import raidionics_model as RM
 
 # find_spec, not importorskip: TensorFlow must not be imported into this process
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
@@ -94,12 +95,12 @@ def test_network_spec_checks_shapes(shape, filters, ok):
 
 def test_ini_is_what_the_raidionics_backend_reads(tmp_path):
     spec = NetworkSpec(shape=(128, 128, 144), n_inputs=3)
-    config = R.read_preprocessing_ini(write_preprocessing_ini(tmp_path, spec, threshold=0.4))
+    config = RM.read_preprocessing_ini(write_preprocessing_ini(tmp_path, spec, threshold=0.4))
     assert config.output_spacing == (1.0, 1.0, 1.0) and config.background_cropping == "brain_clip"
     assert config.normalization_method == "zeromean" and config.new_axial_size == (128, 128, 144)
     assert config.mode == "full" and config.number_inputs == 3 and config.channels_order == "channels_last"
     assert config.nb_classes == 2 and config.activation_layer_included and config.foreground_class == 1
-    assert R.class_threshold(config) == 0.4
+    assert RM.class_threshold(config) == 0.4
     assert "optimal_thresholds" not in preprocessing_ini_text(spec)
 
 
@@ -158,7 +159,7 @@ def test_exported_onnx_matches_tensorflow_through_the_raidionics_backend(tmp_pat
 
     spec = NetworkSpec(shape=(32, 32, 32), n_inputs=2, filters=(4, 8, 8, 8, 8))
     files, brain_file, affine, brain = _scan(tmp_path)
-    config = R.read_preprocessing_ini(write_preprocessing_ini(tmp_path / "ini", spec))
+    config = RM.read_preprocessing_ini(write_preprocessing_ini(tmp_path / "ini", spec))
     arrays = [nib.load(f).get_fdata(dtype=np.float32) for f in files]
     prepared = R.preprocess(arrays, affine, config, brain_mask=brain)
     assert prepared.data.shape == (32, 32, 32, 2)
@@ -194,10 +195,10 @@ def test_exported_onnx_matches_tensorflow_through_the_raidionics_backend(tmp_pat
     assert np.abs(tf1 - tf2).max() > 1e-2  # two different networks: averaging is visible
 
     package = tmp_path / "package"
-    assert [p.parent.name for p in R.model_files(package)] == ["fold_0", "fold_1"]
+    assert [p.parent.name for p in RM.model_files(package)] == ["fold_0", "fold_1"]
     single = R.run_folds([package / "fold_0" / "model.onnx"], prepared.data, config)
     diff_single = float(np.abs(single - tf1).max())
-    averaged = R.run_folds(R.model_files(package), prepared.data, R.read_preprocessing_ini(package))
+    averaged = R.run_folds(RM.model_files(package), prepared.data, RM.read_preprocessing_ini(package))
     diff_folds = float(np.abs(averaged - (tf1 + tf2) / 2).max())
     print(f"max |ONNX - TF|: single {diff_single:.2e}, 2 folds {diff_folds:.2e}; TF process {tf_seconds:.1f} s")
     assert diff_single < 1e-4 and diff_folds < 1e-4
@@ -269,7 +270,6 @@ def test_worker_trains_resumes_and_starts_from_a_one_channel_model(tmp_path):
 
 @pytest.mark.slow
 def test_train_tiny_agunet_end_to_end(tmp_path):
-    from bids_postop.cli.run import main as run_main
     from bids_postop.cli.train import main as train_main
     from bids_postop.segmentation.models import read_card, resolve_models
 
@@ -278,7 +278,7 @@ def test_train_tiny_agunet_end_to_end(tmp_path):
     work = tmp_path / "train"
     argv = [str(bids), str(work), "--manual", f"manual={bids / 'derivatives' / 'manual'}", "--config", "A",
             "--architecture", "agunet", "--tiny", "--epochs", "2", "--iterations", "1", "--effective-batch-size",
-            "2", "--folds", "2", "--test-site", "east", "--no-test-scoring", "--skip-bids-validation",
+            "2", "--folds", "2", "--test-site", "east", "--skip-bids-validation",
             "--device", "cpu", "--nprocs", "1"]
     start = time.monotonic()
     assert train_main(argv) == 0
@@ -301,24 +301,28 @@ def test_train_tiny_agunet_end_to_end(tmp_path):
     model = work / "agunet" / "models" / "A"
     card = read_card(model)
     assert card.architecture == "raidionics" and card.configuration == "A" and 0 < card.threshold < 1
-    assert [p.parent.name for p in R.model_files(model)] == ["fold_0", "fold_1"]
+    raw = json.loads((model / "bids_postop_model.json").read_text())
+    name = json.loads((bids / "dataset_description.json").read_text())["Name"]
+    assert raw["training"]["dataset_name"] == name and f"on {name!r}" in raw["description"]
+    assert [p.parent.name for p in RM.model_files(model)] == ["fold_0", "fold_1"]
     assert [c.folder for c in resolve_models(model)] == [model]
     log = "\n".join(p.read_text() for p in (work / "logs").glob("*.log"))
     assert "ETA fold" in log and "s/epoch" in log
 
-    # the participant level runs the trained model: a mask on each test participant's post-op T1w-CE grid
-    out = tmp_path / "derivatives"
-    assert run_main([str(bids), str(out), "participant", "--participant-label", "05", "06", "--model", str(model),
-                     "--config", "A", "-w", str(tmp_path / "work"), "--skip-bids-validation", "--device", "cpu",
-                     "--nprocs", "1"]) == 0
+    # the test site was scored with the trained model, beside the AGU-Net models (an nnU-Net model of the same
+    # configuration trained in this WORK_DIR scores into WORK_DIR/test_derivatives/A): a mask on each test
+    # participant's post-op T1w-CE grid, and the group level's metrics
+    out = work / "agunet" / "test_derivatives" / "A"
+    assert not (work / "test_derivatives").exists()
     for sub in ("sub-05", "sub-06"):
         t1ce = next((bids / sub / "ses-postop" / "anat").glob("*_ce-*_T1w.nii.gz"))
         (mask,) = (out / sub / "ses-postop" / "anat").glob("*_desc-residual_mask.nii.gz")
         ref, got = nib.load(t1ce), nib.load(mask)
         assert got.shape == ref.shape and np.array_equal(got.affine, ref.affine)
+    assert {"sub-05", "sub-06"} <= {r["participant_id"] for r in read_tsv(out / "group" / "patients.tsv")}
 
     # a rerun resumes: finished folds are skipped and the model is reused
-    assert train_main(argv) == 0
+    assert train_main([*argv, "--no-test-scoring"]) == 0
     newest = max((work / "logs").glob("*.log"), key=lambda p: p.stat().st_mtime).read_text()
     assert "already trained" in newest and "reused" in newest
     print(f"bids_postop-train --architecture agunet (tiny, 2 folds, data preparation included): {train_seconds:.0f} s")

@@ -143,7 +143,7 @@ def test_missing_brain_model_names_the_fetch_command(tmp_path, monkeypatch, spec
 
 def test_resolve_brain_model_checks_the_folder(tmp_path):
     from bids_postop.errors import ModelError
-    from bids_postop.segmentation.raidionics import resolve_brain_model
+    from bids_postop.segmentation.raidionics_brain import resolve_brain_model
 
     folder = tmp_path / "Brain2"
     folder.mkdir()

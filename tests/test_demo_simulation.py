@@ -226,6 +226,10 @@ def test_demo_model_card_and_checkpoint(model_dir: Path) -> None:
     assert card["architecture"] == "nnunet"
     assert "not validated for clinical use" in card["intended_use"]
     assert card["training"]["command"].startswith("bids_postop-train ")  # made by the documented command
+    # ... on the simulated training set, and the card says so where users read it
+    from bids_postop.demo.training_set import TRAINING_SET_NAME
+
+    assert card["training"]["dataset_name"] == TRAINING_SET_NAME and TRAINING_SET_NAME in card["description"]
     assert card["channels"] == list(CONFIGURATIONS[card["configuration"]])
     assert 0.0 < float(card["threshold"]) < 1.0
     nn = card["nnunet"]

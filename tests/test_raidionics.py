@@ -16,6 +16,9 @@ from scipy import ndimage as ndi
 from bids_postop.configurations import CONFIGURATIONS
 from bids_postop.errors import InputDataError, ModelError
 from bids_postop.segmentation import raidionics as R
+from bids_postop.segmentation import raidionics_model as RM
+from bids_postop.segmentation.raidionics_brain import extract_brain_raidionics
+from bids_postop.segmentation.raidionics_model import card_for_raidionics_folder
 
 T1C = REAL / "tcga-fg-6692" / "native" / "TCGA-FG-6692_t1c.nii.gz"
 T1 = REAL / "tcga-fg-6692" / "native" / "TCGA-FG-6692_t1.nii.gz"  # same header as the t1c
@@ -210,7 +213,7 @@ def ref_pipeline(files, *, spacing, new_size, crop, clip, norm, onnx_files, chan
 @needs_real
 def test_full_volume_channels_last_matches_reference(tmp_path):
     folder = make_model(tmp_path / "MRI_GBM_Postop_FV_1p", FULL_INI)
-    card = R.card_for_raidionics_folder(folder)
+    card = card_for_raidionics_folder(folder)
     prob = R.predict_probability(card, [T1C])
     img = nib.load(str(T1C))
     assert prob.shape == img.shape and prob.dtype == np.float32
@@ -227,7 +230,7 @@ def test_two_channels_first_brain_mask_matches_reference(tmp_path):
         "[PreProcessing]", "[PreProcessing]\nchannels_order = channels_first").replace(
         "1.0, 1.0, 1.0", "1.5, 1.5, 2.0")
     folder = make_model(tmp_path / "MRI_GBM_Postop_FV_2p", ini, n_in=2, channels_first=True)
-    card = R.card_for_raidionics_folder(folder)
+    card = card_for_raidionics_folder(folder)
     assert card.configuration == "B"
     with pytest.raises(ModelError, match="brain_mask"):
         R.predict_probability(card, [T1C, T1])
@@ -261,9 +264,9 @@ activation_layer_type = softmax
 optimal_thresholds = 0.4
 """
     folder = make_model(tmp_path / "MRI_GBM_Postop_FV_1p", ini, channels_first=True, softmax=False)
-    config = R.read_preprocessing_ini(folder)
-    assert config.mode == "patch" and R.class_threshold(config) == 0.4
-    prob = R.predict_probability(R.card_for_raidionics_folder(folder), [T1C])
+    config = RM.read_preprocessing_ini(folder)
+    assert config.mode == "patch" and RM.class_threshold(config) == 0.4
+    prob = R.predict_probability(card_for_raidionics_folder(folder), [T1C])
     expected = ref_pipeline([T1C], spacing=(2, 2, 2), new_size=None, crop="minimum", clip=(0, 100), norm="default",
                             onnx_files=[folder / "model.onnx"], channels_first=True, activation="softmax",
                             patch=((48, 40, 32), (16, 8, 8)))
@@ -275,8 +278,8 @@ def test_slab_mode_matches_reference(tmp_path):
     ini = FULL_INI.replace("new_axial_size = 64, 56, 48", "new_axial_size = 48, 40").replace(
         "[Training]", "[Training]\nslab_size = 8")
     folder = make_model(tmp_path / "MRI_GBM_Postop_FV_1p", ini)
-    assert R.read_preprocessing_ini(folder).mode == "slab"
-    prob = R.predict_probability(R.card_for_raidionics_folder(folder), [T1C])
+    assert RM.read_preprocessing_ini(folder).mode == "slab"
+    prob = R.predict_probability(card_for_raidionics_folder(folder), [T1C])
     expected = ref_pipeline([T1C], spacing=(1, 1, 1), new_size=(48, 40), crop="minimum", clip=(0, 99.5),
                             norm="zeromean", onnx_files=[folder / "model.onnx"], slab=8)
     assert np.abs(prob - expected).max() < 1e-4
@@ -285,10 +288,10 @@ def test_slab_mode_matches_reference(tmp_path):
 @needs_real
 def test_folds_are_averaged(tmp_path):
     both = make_model(tmp_path / "both" / "MRI_GBM_Postop_FV_1p", FULL_INI, seeds=(1, 2), folds=True)
-    assert [p.parent.name for p in R.model_files(both)] == ["fold0", "fold1"]
+    assert [p.parent.name for p in RM.model_files(both)] == ["fold0", "fold1"]
     single = [make_model(tmp_path / f"s{s}" / "MRI_GBM_Postop_FV_1p", FULL_INI, seeds=(s,)) for s in (1, 2)]
-    p_both = R.predict_probability(R.card_for_raidionics_folder(both), [T1C])
-    p_each = [R.predict_probability(R.card_for_raidionics_folder(f), [T1C]) for f in single]
+    p_both = R.predict_probability(card_for_raidionics_folder(both), [T1C])
+    p_each = [R.predict_probability(card_for_raidionics_folder(f), [T1C]) for f in single]
     assert np.abs(p_each[0] - p_each[1]).max() > 1e-3  # the folds really differ
     assert np.abs(p_both - (p_each[0] + p_each[1]) / 2).max() < 1e-5
 
@@ -308,7 +311,7 @@ def test_extract_brain_raidionics_writes_a_mask_on_the_input_grid(tmp_path):
         "optimal_thresholds = 0.3, 0.45", "optimal_thresholds = 0.5").replace("classes = background, tumor",
                                                                              "classes = background, Brain"))
     export(Bright(), folder / "model.onnx", 1, channels_first=False)
-    out = R.extract_brain_raidionics(T1C, model_folder=folder, out_mask=tmp_path / "out" / "mask.nii.gz")
+    out = extract_brain_raidionics(T1C, model_folder=folder, out_mask=tmp_path / "out" / "mask.nii.gz")
     mask_img, img = nib.load(str(out)), nib.load(str(T1C))
     data = np.asanyarray(mask_img.dataobj)
     assert data.dtype == np.uint8 and set(np.unique(data)) == {0, 1}
@@ -328,7 +331,7 @@ def test_card_maps_postop_models_to_configurations(tmp_path, n, config):
     folder.mkdir()
     (folder / "pre_processing.ini").write_text(ini)
     (folder / "model.onnx").write_bytes(b"")  # never loaded here
-    card = R.card_for_raidionics_folder(folder)
+    card = card_for_raidionics_folder(folder)
     assert (card.configuration, card.channels, card.architecture) == (config, CONFIGURATIONS[config], "raidionics")
     assert card.threshold == 0.45  # the tumour class of "0.3, 0.45"
 
@@ -350,28 +353,28 @@ def test_bad_model_folders_are_refused_with_the_reason(tmp_path, name, ini, matc
     (folder / "pre_processing.ini").write_text(ini)
     (folder / "model.onnx").write_bytes(b"")
     with pytest.raises(ModelError, match=match):
-        R.card_for_raidionics_folder(folder)
+        card_for_raidionics_folder(folder)
 
 
 def test_missing_onnx_and_missing_ini(tmp_path):
     folder = tmp_path / "MRI_GBM_Postop_FV_1p"
     folder.mkdir()
     with pytest.raises(ModelError, match="pre-processing"):
-        R.card_for_raidionics_folder(folder)
+        card_for_raidionics_folder(folder)
     (folder / "pre_processing.ini").write_text(FULL_INI)
     with pytest.raises(ModelError, match="model.onnx"):
-        R.card_for_raidionics_folder(folder)
+        card_for_raidionics_folder(folder)
 
 
 def test_ini_defaults_and_thresholds(tmp_path):
     path = tmp_path / "pre_processing.ini"
     path.write_text("[Default]\nimaging_modality = MRI\n[PreProcessing]\nnew_axial_size = 8,8,8\n")
-    config = R.read_preprocessing_ini(path)
+    config = RM.read_preprocessing_ini(path)
     assert (config.channels_order, config.normalization_method, config.background_cropping) == (
         "channels_last", None, None)
-    assert config.intensity_clipping_range == (0.0, 100.0) and R.class_threshold(config) is None
-    sigmoid = R.RaidionicsConfig(nb_classes=1, activation_layer_type="sigmoid", optimal_thresholds=(0.6,))
-    assert sigmoid.foreground_class == 0 and R.class_threshold(sigmoid) == 0.6
+    assert config.intensity_clipping_range == (0.0, 100.0) and RM.class_threshold(config) is None
+    sigmoid = RM.RaidionicsConfig(nb_classes=1, activation_layer_type="sigmoid", optimal_thresholds=(0.6,))
+    assert sigmoid.foreground_class == 0 and RM.class_threshold(sigmoid) == 0.6
 
 
 def test_inputs_are_checked(tmp_path):
@@ -379,7 +382,7 @@ def test_inputs_are_checked(tmp_path):
     folder.mkdir()
     (folder / "pre_processing.ini").write_text(FULL_INI.replace("number_inputs = 1", "number_inputs = 2"))
     (folder / "model.onnx").write_bytes(b"")
-    card = R.card_for_raidionics_folder(folder)
+    card = card_for_raidionics_folder(folder)
     a = write_nifti(tmp_path / "a.nii.gz", np.ones((8, 8, 8), np.float32), affine_for("RAS"))
     b = write_nifti(tmp_path / "b.nii.gz", np.ones((8, 8, 8), np.float32), affine_for("LPS"))
     with pytest.raises(ModelError, match="takes 2 channels"):
@@ -431,7 +434,7 @@ def test_boxes_and_label_channels():
     mask[15:17, 15:17, 15:17] = True  # a smaller, separate component
     box, inside = R.brain_bbox(mask)
     assert box == (2, 2, 2, 12, 12, 12) and not inside[15:17, 15:17, 15:17].any()
-    config = R.RaidionicsConfig(output_spacing=(1.0, 1.0, 1.0), new_axial_size=(8, 8, 8),
+    config = RM.RaidionicsConfig(output_spacing=(1.0, 1.0, 1.0), new_axial_size=(8, 8, 8),
                                 normalization_method="zeromean", number_inputs=2)
     labels = (volume > 50).astype(np.float32)
     prepared = R.preprocess([volume + 1, labels], np.eye(4), config, label_channels=[False, True])

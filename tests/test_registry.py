@@ -18,8 +18,8 @@ import pytest
 
 from bids_postop.cli.models import main as models_main
 from bids_postop.errors import ModelError
-from bids_postop.models import registry
-from bids_postop.segmentation.raidionics import card_for_raidionics_folder
+from bids_postop.models import registry, transfer
+from bids_postop.segmentation.raidionics_model import card_for_raidionics_folder
 
 INI = """[Default]
 imaging_modality = MRI
@@ -194,11 +194,11 @@ def test_safe_extract_entries(tmp_path, entries, ok):
             zf.writestr(zipfile.ZipInfo(name), data)
     target = tmp_path / "out"
     if ok:
-        registry.safe_extract(archive, target)
+        transfer.safe_extract(archive, target)
         assert (target / "a" / "b.txt").read_bytes() == b"x"
     else:
         with pytest.raises(ModelError, match="refusing"):
-            registry.safe_extract(archive, target)
+            transfer.safe_extract(archive, target)
         assert files_under(target) == [] and not (tmp_path / "evil").exists()
 
 
@@ -208,11 +208,11 @@ def test_safe_extract_symlinks(tmp_path, link, ok):
     archive.write_bytes(_symlink_zip(link))
     target = tmp_path / "out"
     if ok:
-        registry.safe_extract(archive, target)
+        transfer.safe_extract(archive, target)
         assert (target / "model" / "link").is_symlink()
     else:
         with pytest.raises(ModelError, match="symlink"):
-            registry.safe_extract(archive, target)
+            transfer.safe_extract(archive, target)
         assert files_under(target) == []
 
 

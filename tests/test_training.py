@@ -43,6 +43,8 @@ def test_train_tiny_nnunet_config_a(tmp_path):
     assert card.configuration == "A" and card.channels == ("postop_t1ce",) and 0 < card.threshold < 1
     raw = json.loads((model / "bids_postop_model.json").read_text())
     assert raw["nnunet"]["folds"] == [0, 1] and len(raw["training"]["data_hash"]) == 64
+    name = json.loads((bids / "dataset_description.json").read_text())["Name"]
+    assert raw["training"]["dataset_name"] == name and f"on {name!r}" in raw["description"]
     for fold in (0, 1):
         ck = torch.load(model / "nnunet" / f"fold_{fold}" / "checkpoint_final.pth", weights_only=True)
         assert "optimizer_state" not in ck and ck["trainer_name"] == "nnUNetTrainer"

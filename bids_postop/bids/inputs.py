@@ -14,6 +14,7 @@ Rules (documented in README, "Inputs"):
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,16 @@ def _query(layout: Any, subject: str, role: Role, session: str | None,
     base.update(entities)
     base.update(filters.get(role, {}))
     return _pick(layout.get(**base), role, notes)
+
+
+def bids_dataset_name(root: str | Path) -> str | None:
+    """The ``Name`` of a BIDS dataset's dataset_description.json (None when missing or unreadable): model
+    cards record what a model was trained on."""
+    try:
+        name = json.loads((Path(root) / "dataset_description.json").read_text(encoding="utf-8")).get("Name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name.strip() else None
 
 
 def _open_layout(root: Path, *, validate: bool, derivative: bool = False) -> Any:

@@ -190,7 +190,7 @@ def check_model_files(cards, *, trust_checkpoint: bool) -> None:
 def resolve_brain_extraction(settings: RunSettings) -> tuple[str | None, dict]:
     """The Raidionics brain model folder (None for deepbet/hdbet) and the brain extraction's provenance."""
     if settings.brain_method == "raidionics":
-        from bids_postop.segmentation.raidionics import brain_model_provenance, resolve_brain_model
+        from bids_postop.segmentation.raidionics_brain import brain_model_provenance, resolve_brain_model
 
         folder = resolve_brain_model(settings.brain_model or DEFAULT_BRAIN_MODEL)
         LOG.info("brain extraction: Raidionics model %s (%s)", folder.name, folder)

@@ -33,8 +33,8 @@ than folds is refused: lower --folds. Written to WORK_DIR/splits.tsv and nnU-Net
 
 outputs (WORK_DIR): models/<CONFIG>/ (bids_postop_model.json + nnunet/), splits.tsv, nnunet/{raw,
 preprocessed,results}, prep/ (cached data preparation), test_derivatives/<CONFIG>/ (participant and
-group level on the test site(s)), logs/. Rerunning with the same WORK_DIR resumes: finished data
-preparation and folds with a checkpoint_final.pth are skipped.
+group level on the test site(s); AGU-Net: agunet/test_derivatives/<CONFIG>/), logs/. Rerunning with the
+same WORK_DIR resumes: finished data preparation and folds with a checkpoint_final.pth are skipped.
 
 AGU-Net (--architecture agunet; needs the agunet extra: pip install bids_postop[agunet]): the study's
 full-volume 3-D U-Net with attention gates, multi-scale inputs and deep supervision (filters 16/32/128/256/256,
@@ -210,12 +210,14 @@ def write_card(model_dir: Path, *, config: str, threshold: float, folds: Sequenc
                name: str = "bids_postop-train") -> Path:
     from bids_postop.configurations import CONFIGURATIONS
     from bids_postop.segmentation.models import CARD_NAME
+    from bids_postop.training.datasets import trained_on
 
     card = {
         "schema_version": 1,
         "name": f"{name}-{config}",
         "description": f"nnU-Net v2 3d_fullres for residual glioblastoma on early post-operative MRI, input "
-                       f"configuration {config}, trained with bids_postop-train {__version__}.",
+                       f"configuration {config}, trained with bids_postop-train {__version__}"
+                       f"{trained_on(extra.get('training', {}).get('dataset_name'))}.",
         "intended_use": "research; trained with bids_postop-train, not validated for clinical use",
         "architecture": "nnunet",
         "configuration": config,
@@ -244,6 +246,7 @@ def _model_up_to_date(model_dir: Path, data_hash: str, folds: list[int], expect:
 
 def train_configuration(config: str, args, cases, plan, command: str) -> Path:
     """Raw dataset → plan/preprocess → folds → export → threshold → card. Returns the model folder."""
+    from bids_postop.bids.inputs import bids_dataset_name
     from bids_postop.training import nnunet as nn
     from bids_postop.training.datasets import DATASET_IDS, dataset_name, write_raw_dataset
 
@@ -317,7 +320,8 @@ def train_configuration(config: str, args, cases, plan, command: str) -> Path:
         "threshold_selection": thr,
         "training": {
             "command": command, "date": _dt.date.today().isoformat(), "bids_dir": str(args.bids_dir),
-            "data_hash": data_hash, "n_cases": len(usable), "tiny_network": tiny.__dict__ if tiny else None,
+            "dataset_name": bids_dataset_name(args.bids_dir), "data_hash": data_hash, "n_cases": len(usable),
+            "tiny_network": tiny.__dict__ if tiny else None,
             "epochs": args.epochs or "nnU-Net default (1000)", "iterations": args.iterations or
             "nnU-Net default (250)", "device": device, "training_patch_size": training_patch,
             "test_time_mirroring_axes": list(tiny.mirror_axes) if tiny else "nnU-Net's (all axes)",
@@ -348,20 +352,26 @@ def _raidionics_brain_model(args) -> str | None:
     """The Raidionics brain model folder for --brain-method raidionics (ModelError when not installed)."""
     if args.brain_method != "raidionics":
         return None
-    from bids_postop.segmentation.raidionics import BRAIN_MODEL, resolve_brain_model
+    from bids_postop.segmentation.raidionics_brain import BRAIN_MODEL, resolve_brain_model
 
     return str(resolve_brain_model(args.brain_model or BRAIN_MODEL))
+
+
+def scoring_dir(work_dir: Path, architecture: str, config: str) -> Path:
+    """Where the test set is scored: beside the architecture's models, so that an nnU-Net and an AGU-Net
+    model of the same configuration trained in one WORK_DIR do not overwrite each other's scores."""
+    return (work_dir / "agunet" if architecture == "agunet" else work_dir) / "test_derivatives" / config
 
 
 def score_test_set(args, config: str, model_dir: Path, plan) -> int:
     """Participant level (new model) and group level (metrics) on the held-out participants."""
     from bids_postop.cli.run import main as run_main
 
-    out = args.work_dir / "test_derivatives" / config
+    out = scoring_dir(args.work_dir, args.architecture, config)
     common = ["--skip-bids-validation"] if args.skip_bids_validation else []
     derivs = [f"{n}={p}" for n, p in args.derivatives]
     argv = [str(args.bids_dir), str(out), "participant", "--participant-label", *plan.test, "--model",
-            str(model_dir), "--config", config, "-w", str(args.work_dir / "test_work"), "--device", args.device,
+            str(model_dir), "--config", config, "-w", str(out.parent.parent / "test_work"), "--device", args.device,
             "--postop-session", args.postop_session, "--preop-session", args.preop_session,
             "--nprocs", str(args.nprocs), "--brain-method", args.brain_method,
             *(["--brain-model", args.brain_model] if args.brain_method == "raidionics" and args.brain_model else []),

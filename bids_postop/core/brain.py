@@ -8,7 +8,7 @@ Three methods, all run offline on CPU:
   ("fast" mode), no test-time mirroring, largest connected component kept, at 1.5 mm.
 * ``"raidionics"`` — a Raidionics brain model (ONNX, onnxruntime), the published ``MRI_Brain`` (the
   study's brain extraction) installed with ``bids_postop-models fetch MRI_Brain``, or any folder in that
-  layout (``model_folder``); see :func:`bids_postop.segmentation.raidionics.extract_brain_raidionics`.
+  layout (``model_folder``); see :func:`bids_postop.segmentation.raidionics_brain.extract_brain_raidionics`.
 
 The default, :data:`DEFAULT_METHOD`, was chosen with ``benchmarks/brain_extraction.py`` (see
 ``benchmarks/RESULTS.md``): deepbet matches HD-BET's accuracy on the independent ROBEX reference mask
@@ -96,7 +96,7 @@ def extract_brain(
     if method == "raidionics":
         if model_folder is None:
             raise ValueError("method 'raidionics' needs model_folder (a Raidionics brain model folder)")
-        from bids_postop.segmentation.raidionics import extract_brain_raidionics
+        from bids_postop.segmentation.raidionics_brain import extract_brain_raidionics
 
         return extract_brain_raidionics(image, model_folder=model_folder, out_mask=out_mask,
                                         device=device, threads=threads)

@@ -50,6 +50,8 @@ TRAINING_SITES: Final[dict[str, SiteGeometry]] = {
 }
 MAX_HEAD_ROTATION_DEG: Final[float] = 8.0
 
+TRAINING_SET_NAME: Final[str] = ("bids_postop demo training set: simulated post-operative cases made from real "
+                                  "pre-operative scans — not clinical data")
 README: Final[str] = """# bids_postop demo training set
 
 Simulated early post-operative brain MRI made from real **pre-operative** scans — not clinical data.
@@ -104,8 +106,7 @@ def write_training_dataset(root: Path, *, n_participants: int = 32, n_sites: int
         raise ValueError(f"rt_fraction {rt_fraction}: must be within 0..1")
     root = Path(root)
     sites = list(TRAINING_SITES.values())[:n_sites]
-    _write_dataset_files(root, name="bids_postop demo training set: simulated post-operative cases made from real "
-                                    "pre-operative scans — not clinical data", readme=README,
+    _write_dataset_files(root, name=TRAINING_SET_NAME, readme=README,
                          site_levels={s.name: _describe(s) for s in sites})
     width = max(2, len(str(n_participants)))
     participants: list[DemoParticipant] = []

@@ -1,4 +1,5 @@
-"""Published models: the catalogue, download (progress, resume, md5), safe extraction and the local cache.
+"""Published models: the catalogue, what to fetch, and the local cache (the transfer itself — download with
+progress, resume and md5, safe zip extraction — is :mod:`bids_postop.models.transfer`).
 
 The catalogue has the format of the Raidionics release's ``raidionics_cloud_models_list_github.csv``:
 columns ``Model`` (name), ``link`` (zip URL), ``sum`` (md5 of the zip; empty = unknown) and
@@ -21,16 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
-import http.client
 import io
 import json
 import logging
 import os
 import re
 import shutil
-import stat
-import sys
 import tempfile
 import time
 import urllib.error
@@ -45,6 +42,14 @@ from typing import IO, Any
 
 from bids_postop import __version__
 from bids_postop.errors import ModelError
+from bids_postop.models.transfer import (
+    DownloadError,
+    download,
+    failure_reason,
+    file_md5,
+    http_request,
+    safe_extract,
+)
 from bids_postop.segmentation.models import CARD_NAME
 
 LOG = logging.getLogger("bids_postop")
@@ -59,10 +64,6 @@ MODEL_MARKERS = ("pre_processing.ini", CARD_NAME, "plans.json")  # Raidionics, b
 DOWNLOADS = ".downloads"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MD5_PATTERN = re.compile(r"^[0-9a-f]{32}$")
-
-
-class DownloadError(ModelError):
-    """A download failed (network, HTTP status, interruption); the message says how to get the file by hand."""
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,10 @@ def read_catalogue(source: str | Path | None = None, *, timeout: float = 30) -> 
     text_source = str(source)
     if re.match(r"^(https?|file)://", text_source):
         try:
-            with urllib.request.urlopen(_request(text_source), timeout=timeout) as response:
+            with urllib.request.urlopen(http_request(text_source), timeout=timeout) as response:
                 text = response.read().decode("utf-8")
         except (urllib.error.URLError, OSError) as exc:
-            raise DownloadError(f"cannot read the model catalogue {text_source}: {_reason(exc)}") from exc
+            raise DownloadError(f"cannot read the model catalogue {text_source}: {failure_reason(exc)}") from exc
     else:
         try:
             text = Path(source).expanduser().read_text(encoding="utf-8")
@@ -169,185 +170,7 @@ def read_install_record(folder: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# download
-
-
-def _request(url: str, headers: dict[str, str] | None = None) -> urllib.request.Request:
-    return urllib.request.Request(url, headers={"User-Agent": f"bids_postop/{__version__}", **(headers or {})})
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-class Progress:
-    """Bytes, percentage, rate and ETA on a stream (one updating line on a terminal, else a line per 10 %)."""
-
-    def __init__(self, label: str, total: int | None, done: int = 0, stream: IO[str] | None = None):
-        self.label, self.total, self.done, self.start_done = label, total, done, done
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.start = self.last = time.monotonic()
-        self.next_step = 0
-
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-6)
-        rate = (self.done - self.start_done) / elapsed
-        text = f"{self.label}: {_size(self.done)}"
-        if self.total:
-            text += f" / {_size(self.total)} ({100 * self.done / self.total:.0f} %)"
-        text += f", {_size(rate)}/s"
-        if self.total and rate > 0:
-            eta = int((self.total - self.done) / rate)
-            text += f", ETA {eta // 60}:{eta % 60:02d}"
-        return text
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.tty and now - self.last >= 0.2:
-            self.stream.write("\r" + self.line() + "   ")
-            self.stream.flush()
-            self.last = now
-        elif not self.tty:
-            step = int(10 * self.done / self.total) if self.total else int((now - self.start) // 30)
-            if step > self.next_step:
-                self.next_step = step
-                self.stream.write(self.line() + "\n")
-                self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.write(("\r" if self.tty else "") + self.line() + " — done\n")
-        self.stream.flush()
-
-
-def download(url: str, dest: Path, *, md5: str | None = None, progress: bool | IO[str] = True,
-             timeout: float = 60) -> Path:
-    """Download ``url`` to ``dest`` through ``dest.part``, resuming a partial ``.part`` with an HTTP Range.
-
-    When ``md5`` is given the file is checked before it is renamed to ``dest``; on a mismatch the partial
-    file is deleted and :class:`ModelError` raised. A network failure or interruption raises
-    :class:`DownloadError` and keeps the ``.part`` for the next attempt.
-    """
-    part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for _attempt in range(2):  # a second attempt only after a stale .part was discarded
-        offset = part.stat().st_size if part.is_file() else 0
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        try:
-            response = urllib.request.urlopen(_request(url, headers), timeout=timeout)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416 and offset:  # nothing left to send: the .part is complete, or stale
-                if md5 is not None and file_md5(part) == md5:
-                    break
-                part.unlink()
-                continue
-            raise DownloadError(f"cannot download {url}: {_reason(exc)}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise DownloadError(f"cannot download {url}: {_reason(exc)}") from exc
-        with response:
-            resumed = offset > 0 and response.status == 206
-            if offset and not resumed:
-                LOG.info("%s: the server ignored the resume request; downloading from the start", url)
-                offset = 0
-            length = response.headers.get("Content-Length")
-            total = offset + int(length) if length and length.isdigit() else None
-            match = re.search(r"/(\d+)$", response.headers.get("Content-Range", ""))
-            total = int(match.group(1)) if resumed and match else total
-            bar = None
-            if progress:
-                stream = sys.stderr if progress is True else progress
-                bar = Progress(f"{dest.name}{' (resumed)' if resumed else ''}", total, offset, stream=stream)
-            received = offset
-            try:
-                with part.open("ab" if resumed else "wb") as handle:
-                    while block := response.read(1 << 16):
-                        handle.write(block)
-                        received += len(block)
-                        if bar:
-                            bar.update(len(block))
-            except (OSError, http.client.HTTPException) as exc:
-                raise DownloadError(f"download of {url} interrupted after {_size(received)} ({_reason(exc)}); "
-                                    f"run the same command again to resume") from exc
-            if total is not None and received < total:
-                raise DownloadError(f"download of {url} interrupted after {_size(received)} of {_size(total)}; "
-                                    f"run the same command again to resume")
-            if bar:
-                bar.close()
-        break
-    if md5 is not None:
-        actual = file_md5(part)
-        if actual != md5:
-            part.unlink()
-            raise ModelError(f"{url}: checksum mismatch (md5 {actual}, the catalogue says {md5}); the download "
-                             f"was deleted. Try again; if it persists, the catalogue or the file has changed")
-    os.replace(part, dest)
-    return dest
-
-
-# ------------------------------------------------------------------------------------------------
-# extraction and installation
-
-
-def _is_symlink(info: zipfile.ZipInfo) -> bool:
-    return stat.S_ISLNK(info.external_attr >> 16)
-
-
-def safe_extract(archive: Path, target: Path) -> None:
-    """Extract a zip into ``target``, refusing (before writing anything) entries that would land outside it:
-    absolute paths, drive letters, ``..`` components, and symlinks pointing outside."""
-    target.mkdir(parents=True, exist_ok=True)
-    root = target.resolve()
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            members = zf.infolist()
-            links: dict[str, str] = {}
-            for info in members:
-                name = info.filename.replace("\\", "/")
-                if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in PurePosixPath(name).parts:
-                    raise ModelError(f"{archive}: refusing to extract {info.filename!r} (absolute path or '..')")
-                dest = (root / name).resolve()
-                if not dest.is_relative_to(root):
-                    raise ModelError(f"{archive}: refusing to extract {info.filename!r} (outside the target)")
-                if _is_symlink(info):
-                    link = zf.read(info).decode("utf-8")
-                    if os.path.isabs(link) or not (dest.parent / link).resolve().is_relative_to(root):
-                        raise ModelError(f"{archive}: refusing symlink {info.filename!r} → {link!r} (outside the "
-                                         f"target)")
-                    links[name] = link
-            needed = sum(i.file_size for i in members)
-            free = shutil.disk_usage(root).free
-            if needed > free:
-                raise ModelError(f"{archive}: needs {_size(needed)} to extract, {root} has {_size(free)} free")
-            for info in members:
-                name = info.filename.replace("\\", "/")
-                if name in links:
-                    (root / name).parent.mkdir(parents=True, exist_ok=True)
-                    os.symlink(links[name], root / name)
-                else:
-                    zf.extract(info, root)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
-        raise ModelError(f"{archive}: not a readable zip archive ({exc})") from exc
+# installation
 
 
 def find_model_root(folder: Path) -> Path:
@@ -362,7 +185,7 @@ def find_model_root(folder: Path) -> Path:
 
 def _check_model(root: Path) -> None:
     if (root / "pre_processing.ini").is_file():
-        from bids_postop.segmentation.raidionics import model_files, read_preprocessing_ini
+        from bids_postop.segmentation.raidionics_model import model_files, read_preprocessing_ini
 
         read_preprocessing_ini(root)
         model_files(root)
@@ -561,16 +384,16 @@ def model_info(name: str, *, home: str | Path | None = None, catalogue: str | Pa
         return info
     info.update(installed=True, folder=str(folder), install=read_install_record(folder))
     if (folder / "pre_processing.ini").is_file():
-        from bids_postop.segmentation import raidionics
+        from bids_postop.segmentation import raidionics_model
 
-        config = raidionics.read_preprocessing_ini(folder)
+        config = raidionics_model.read_preprocessing_ini(folder)
         info["raidionics"] = {
             "mode": config.mode, "output_spacing": config.output_spacing, "new_axial_size": config.new_axial_size,
             "background_cropping": config.background_cropping, "normalization": config.normalization_method,
             "channels_order": config.channels_order, "number_inputs": config.number_inputs,
             "classes": list(config.classes), "optimal_thresholds": list(config.optimal_thresholds),
-            "folds": len(raidionics.model_files(folder))}
+            "folds": len(raidionics_model.model_files(folder))}
         with contextlib.suppress(ModelError):
-            card = raidionics.card_for_raidionics_folder(folder)
+            card = raidionics_model.card_for_raidionics_folder(folder)
             info["card"] = card.provenance()
     return info

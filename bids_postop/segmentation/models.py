@@ -96,7 +96,7 @@ def _card_for(folder: Path) -> ModelCard | None:
     if (folder / "plans.json").is_file() and (folder / "dataset.json").is_file():
         return _bare_nnunet_card(folder)
     if (folder / "pre_processing.ini").is_file() and folder.name.find("Postop") >= 0:
-        from bids_postop.segmentation.raidionics import card_for_raidionics_folder
+        from bids_postop.segmentation.raidionics_model import card_for_raidionics_folder
 
         return card_for_raidionics_folder(folder)
     return None

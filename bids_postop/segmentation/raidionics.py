@@ -35,237 +35,32 @@ sliced other than axially.
 
 from __future__ import annotations
 
-import configparser
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from bids_postop.configurations import CONFIGURATIONS, ConfigName
-from bids_postop.core.images import load_3d, same_grid, write_like
+from bids_postop.core.images import load_3d, same_grid
 from bids_postop.errors import InputDataError, ModelError
-from bids_postop.segmentation.models import DEFAULT_THRESHOLD, ModelCard
-from bids_postop.settings import DEFAULT_BRAIN_MODEL
+from bids_postop.segmentation.models import ModelCard
+from bids_postop.segmentation.raidionics_model import (
+    INI_NAME,
+    INPUT_NAME,
+    NORMALIZATION_METHODS,
+    RaidionicsConfig,
+    model_files,
+    read_preprocessing_ini,
+)
 
 LOG = logging.getLogger("bids_postop")
 
-INI_NAME = "pre_processing.ini"
-ONNX_NAME = "model.onnx"
-INPUT_NAME = "input"
-CROPPING_MODES = ("minimum", "brain_mask", "brain_clip")
-NORMALIZATION_METHODS = ("default", "zeromean", "zeromean_nonzero")
-CHANNEL_ORDERS = ("channels_last", "channels_first")
-ACTIVATIONS = ("softmax", "sigmoid")
-# Published post-operative models → configuration (channel order as in SPEC.md / configurations.py).
-POSTOP_MODEL_PATTERN = re.compile(r"MRI_GBM_Postop_FV_([1-5])p")
-POSTOP_CONFIGURATIONS: dict[int, ConfigName] = {1: "A", 2: "B", 3: "C", 4: "D", 5: "E"}
-
 Bbox = tuple[int, int, int, int, int, int]  # (x0, y0, z0, x1, y1, z1), end exclusive
-Mode = Literal["full", "slab", "patch"]
-
-
-@dataclass(frozen=True)
-class RaidionicsConfig:
-    """The keys of a Raidionics ``pre_processing.ini`` that inference needs (defaults as in Raidionics)."""
-
-    imaging_modality: str = "MRI"
-    training_backend: str = "TF"
-    task: str = "segmentation"
-    output_spacing: tuple[float, float, float] | None = None  # mm; None: the smallest input spacing
-    background_cropping: str | None = None  # None or one of CROPPING_MODES
-    intensity_clipping_range: tuple[float, float] = (0.0, 100.0)  # percentiles
-    normalization_method: str | None = None  # None or one of NORMALIZATION_METHODS
-    new_axial_size: tuple[int, ...] | None = None  # 3: full volume, 2: slab, None: patch-wise
-    slicing_plane: str = "axial"
-    swap_training_input: bool = False
-    number_inputs: int = 1
-    channels_order: str = "channels_last"
-    nb_classes: int = 2
-    classes: tuple[str, ...] = ()
-    slab_size: int | None = None
-    patch_size: tuple[int, int, int] | None = None
-    patch_offset: tuple[int, int, int] | None = None  # None: half the patch
-    optimal_thresholds: tuple[float, ...] = ()
-    deep_supervision: bool = False
-    activation_layer_included: bool = True
-    activation_layer_type: str = "softmax"
-
-    @property
-    def mode(self) -> Mode:
-        if self.new_axial_size is None:
-            return "patch"
-        return "full" if len(self.new_axial_size) == 3 else "slab"
-
-    @property
-    def foreground_class(self) -> int:
-        """Index of the first target class: 0 for sigmoid outputs, 1 (after background) for softmax."""
-        return 0 if self.activation_layer_type == "sigmoid" else 1
-
-
-def _value(parser: configparser.ConfigParser, section: str, key: str) -> str | None:
-    """A value with Raidionics' conventions: ``#`` starts a comment, an empty value means unset."""
-    if not parser.has_option(section, key):
-        return None
-    value = parser.get(section, key, raw=True).split("#")[0].strip()
-    return value or None
-
-
-def _numbers(text: str | None, kind: type, path: Path, key: str, count: tuple[int, ...] | None = None) -> Any:
-    if text is None:
-        return None
-    try:
-        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise ModelError(f"{path}: {key} = {text!r} is not a comma-separated list of {kind.__name__}") from exc
-    if count is not None and len(values) not in count:
-        raise ModelError(f"{path}: {key} = {text!r} must have {' or '.join(map(str, count))} values")
-    return values
-
-
-def _choice(value: str | None, allowed: tuple[str, ...], path: Path, key: str) -> str | None:
-    if value is not None and value not in allowed:
-        raise ModelError(f"{path}: {key} = {value!r} is not one of {list(allowed)}")
-    return value
-
-
-def read_preprocessing_ini(path: str | Path) -> RaidionicsConfig:
-    """Parse a Raidionics ``pre_processing.ini`` (the file, or the model folder holding it).
-
-    Raises :class:`ModelError` naming the file, the key and the allowed values when a value is not usable.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / INI_NAME
-    parser = configparser.ConfigParser()
-    try:
-        with path.open() as handle:
-            parser.read_file(handle)
-    except (OSError, configparser.Error) as exc:
-        raise ModelError(f"{path}: cannot read the Raidionics pre-processing file ({exc})") from exc
-
-    def get(section: str, key: str) -> str | None:
-        return _value(parser, section, key)
-
-    def flag(section: str, key: str, default: bool) -> bool:
-        value = get(section, key)
-        return default if value is None else value.lower() == "true"
-
-    cropping = get("PreProcessing", "background_cropping")
-    cropping = None if cropping is None or cropping.lower() in ("false", "none") else cropping.lower()
-    normalization = get("PreProcessing", "normalization_method")
-    normalization = None if normalization is None or normalization.lower() == "none" else normalization.lower()
-    config = RaidionicsConfig(
-        imaging_modality=get("Default", "imaging_modality") or "MRI",
-        training_backend=get("Default", "training_backend") or "TF",
-        task=get("Default", "task") or "segmentation",
-        output_spacing=_numbers(get("PreProcessing", "output_spacing"), float, path, "output_spacing", (3,)),
-        background_cropping=_choice(cropping, CROPPING_MODES, path, "background_cropping"),
-        intensity_clipping_range=_numbers(get("PreProcessing", "intensity_clipping_range"), float, path,
-                                          "intensity_clipping_range", (2,)) or (0.0, 100.0),
-        normalization_method=_choice(normalization, NORMALIZATION_METHODS, path, "normalization_method"),
-        new_axial_size=_numbers(get("PreProcessing", "new_axial_size"), int, path, "new_axial_size", (2, 3)),
-        slicing_plane=(get("PreProcessing", "slicing_plane") or "axial").lower(),
-        swap_training_input=flag("PreProcessing", "swap_training_input", False),
-        number_inputs=int(get("PreProcessing", "number_inputs") or 1),
-        channels_order=_choice(get("PreProcessing", "channels_order") or "channels_last", CHANNEL_ORDERS, path,
-                               "channels_order") or "channels_last",
-        nb_classes=int(get("Training", "nb_classes") or 2),
-        classes=tuple(c.strip() for c in (get("Training", "classes") or "").split(",") if c.strip()),
-        slab_size=_numbers(get("Training", "slab_size"), int, path, "slab_size", (1,))[0]
-        if get("Training", "slab_size") else None,
-        patch_size=_numbers(get("Training", "patch_size"), int, path, "patch_size", (3,)),
-        patch_offset=_numbers(get("Training", "patch_offset"), int, path, "patch_offset", (3,)),
-        optimal_thresholds=_numbers(get("Training", "optimal_thresholds"), float, path, "optimal_thresholds") or (),
-        deep_supervision=flag("Training", "deep_supervision", False),
-        activation_layer_included=flag("Training", "activation_layer_included", True),
-        activation_layer_type=_choice((get("Training", "activation_layer_type") or "softmax").lower(), ACTIVATIONS,
-                                      path, "activation_layer_type") or "softmax",
-    )
-    _check_supported(config, path)
-    return config
-
-
-def _check_supported(config: RaidionicsConfig, path: Path) -> None:
-    if config.imaging_modality != "MRI":
-        raise ModelError(f"{path}: imaging_modality = {config.imaging_modality!r}; only MRI models are supported")
-    if config.swap_training_input:
-        raise ModelError(f"{path}: swap_training_input = true is not supported")
-    if config.mode == "slab" and (config.slicing_plane != "axial" or not config.slab_size):
-        raise ModelError(f"{path}: slab models need slicing_plane = axial and [Training] slab_size "
-                         f"(got {config.slicing_plane!r}, {config.slab_size!r})")
-    if config.mode == "patch" and config.patch_size is None:
-        raise ModelError(f"{path}: no new_axial_size (patch-wise model) but no [Training] patch_size either")
-    if config.patch_size and config.patch_offset and any(
-            o >= p or o < 0 for o, p in zip(config.patch_offset, config.patch_size, strict=True)):
-        raise ModelError(f"{path}: patch_offset {config.patch_offset} must be in [0, patch_size {config.patch_size})")
-
-
-def class_threshold(config: RaidionicsConfig, class_index: int | None = None) -> float | None:
-    """The probability threshold of one class, as Raidionics reads ``optimal_thresholds``.
-
-    One value per class (background included for softmax models) is indexed by class; any other count
-    means the first value applies to every class. ``None`` when the file gives no threshold.
-    """
-    index = config.foreground_class if class_index is None else class_index
-    thresholds = config.optimal_thresholds
-    if not thresholds:
-        return None
-    return float(thresholds[index] if len(thresholds) == config.nb_classes else thresholds[0])
-
-
-def model_files(folder: str | Path) -> tuple[Path, ...]:
-    """The ONNX files of a model folder: one per fold sub-folder, else the folder's own ``model.onnx``."""
-    folder = Path(folder)
-    folds = tuple(sorted(sub / ONNX_NAME for sub in folder.iterdir() if (sub / ONNX_NAME).is_file()))
-    if folds:
-        if (folder / ONNX_NAME).is_file():
-            LOG.info("%s: using the %d fold models in its sub-folders; the top-level %s is not used",
-                     folder, len(folds), ONNX_NAME)
-        return folds
-    if (folder / ONNX_NAME).is_file():
-        return (folder / ONNX_NAME,)
-    raise ModelError(f"{folder}: no {ONNX_NAME} here or in its sub-folders (a Raidionics model folder holds "
-                     f"{INI_NAME} and {ONNX_NAME}, or one sub-folder per fold with a {ONNX_NAME})")
-
-
-def card_for_raidionics_folder(folder: str | Path) -> ModelCard:
-    """A model card for a Raidionics post-operative model folder that has no ``bids_postop_model.json``.
-
-    ``MRI_GBM_Postop_FV_1p`` … ``_5p`` (in the folder name) map to configurations A … E; the threshold is
-    the tumour class's ``optimal_thresholds`` (0.5, with a warning, when the file has none).
-    """
-    folder = Path(folder).expanduser().resolve()
-    config = read_preprocessing_ini(folder)
-    match = POSTOP_MODEL_PATTERN.search(folder.name)
-    if match is None:
-        raise ModelError(f"{folder}: not one of the published post-operative models (folder name should contain "
-                         f"MRI_GBM_Postop_FV_1p … _5p); write a bids_postop_model.json with architecture "
-                         f"'raidionics' to use another Raidionics model")
-    configuration = POSTOP_CONFIGURATIONS[int(match.group(1))]
-    channels = CONFIGURATIONS[configuration]
-    if config.number_inputs != len(channels):
-        raise ModelError(f"{folder}: {INI_NAME} says number_inputs = {config.number_inputs}, but "
-                         f"{match.group(0)} takes {len(channels)} channels ({', '.join(channels)})")
-    model_files(folder)  # fail now, not at the first participant
-    threshold = class_threshold(config)
-    if threshold is None:
-        LOG.warning("%s: no optimal_thresholds in %s; using %.2f", folder, INI_NAME, DEFAULT_THRESHOLD)
-        threshold = DEFAULT_THRESHOLD
-    if not 0 < threshold < 1:
-        raise ModelError(f"{folder}: optimal threshold {threshold} is not in (0, 1)")
-    return ModelCard(
-        folder=folder, name=match.group(0), architecture="raidionics", configuration=configuration,
-        channels=channels, threshold=threshold,
-        intended_use=("Raidionics AGU-Net model for residual glioblastoma on early post-operative MRI "
-                      "(Helland, Bouget et al., Sci Rep 2023)"),
-        details={"model_folder": ".", "foreground_class": config.foreground_class}, raw={})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -621,85 +416,3 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
     probabilities = run_folds(paths, prepared.data, config, device=device, threads=threads)
     foreground = int(card.details.get("foreground_class", config.foreground_class))
     return to_reference_grid(probabilities[..., foreground], prepared)
-
-
-BRAIN_MODEL = DEFAULT_BRAIN_MODEL  # the published Raidionics brain model (bids_postop-models fetch MRI_Brain)
-
-
-def resolve_brain_model(spec: str | Path = BRAIN_MODEL) -> Path:
-    """The folder of a Raidionics brain model given by ``--brain-model``: a folder path, or the name of a model
-    installed with ``bids_postop-models fetch`` (default :data:`BRAIN_MODEL`).
-
-    Checks now what :func:`extract_brain_raidionics` needs (``pre_processing.ini`` readable, one input, no
-    brain cropping, a ``model.onnx``), so that a wrong model fails before any participant runs. Raises
-    :class:`ModelError` naming the folder and the command that installs the model.
-    """
-    text = str(spec)
-    path = Path(text).expanduser()
-    fetch_hint = (f"install the published brain model with `bids_postop-models fetch {BRAIN_MODEL}` (or "
-                  f"`bids_postop-models import Raidionics-{BRAIN_MODEL}-ONNX-v12.zip` offline) and pass "
-                  f"--brain-model {BRAIN_MODEL}, or give the folder holding {INI_NAME} and {ONNX_NAME}")
-    if path.is_dir():
-        folder = path.resolve()
-    elif "/" in text or text.startswith("."):
-        raise ModelError(f"{path}: brain model folder not found; {fetch_hint}")
-    else:
-        from bids_postop.models import resolve_installed
-
-        try:
-            folder = resolve_installed(text)
-        except ModelError as exc:
-            raise ModelError(f"--brain-model {text}: {exc}" + ("" if text == BRAIN_MODEL else f"; or {fetch_hint}")
-                             ) from exc
-    if not (folder / INI_NAME).is_file():
-        raise ModelError(f"{folder}: not a Raidionics model folder (no {INI_NAME}); {fetch_hint}")
-    _brain_model_config(folder)
-    model_files(folder)
-    return folder
-
-
-def _brain_model_config(folder: Path) -> RaidionicsConfig:
-    """``folder``'s pre-processing, refused unless it suits a brain model (one input, no brain cropping)."""
-    config = read_preprocessing_ini(folder)
-    if config.number_inputs != 1:
-        raise ModelError(f"{folder}: a brain model takes one input; {INI_NAME} says {config.number_inputs}")
-    if config.background_cropping in ("brain_mask", "brain_clip"):
-        raise ModelError(f"{folder}: a brain model cannot crop to the brain (background_cropping = "
-                         f"{config.background_cropping})")
-    return config
-
-
-def brain_model_provenance(folder: str | Path) -> dict[str, Any]:
-    """What the sidecars and the report say about a Raidionics brain model: name, folder, files' md5, record."""
-    from bids_postop.models.registry import file_md5, read_install_record
-
-    folder = Path(folder)
-    record = read_install_record(folder)
-    return {"method": "raidionics", "model": folder.name, "folder": str(folder),
-            "onnx_md5": {str(p.relative_to(folder)): file_md5(p) for p in model_files(folder)},
-            **({"installed_from": record} if record else {})}
-
-
-def extract_brain_raidionics(image: str | Path, *, model_folder: str | Path, out_mask: str | Path,
-                             device: str = "cpu", threads: int = 1) -> Path:
-    """Brain mask with the Raidionics ``MRI_Brain`` model (an alternative to :mod:`bids_postop.core.brain`).
-
-    The probability is thresholded at the model's ``optimal_thresholds`` (≥, 0.5 when absent) and reduced to
-    its largest connected component. Returns ``out_mask``: uint8 0/1, shape ``image.shape[:3]``, written with
-    the image's affine and sform/qform codes. Raises :class:`InputDataError` when no brain is found.
-    """
-    model_folder = Path(model_folder).expanduser().resolve()
-    config = _brain_model_config(model_folder)
-    img = load_3d(image, what="image for brain extraction")
-    prepared = preprocess([img.get_fdata(dtype=np.float32)], img.affine, config)
-    probabilities = run_folds(model_files(model_folder), prepared.data, config, device=device, threads=threads)
-    probability = to_reference_grid(probabilities[..., config.foreground_class], prepared)
-    threshold = class_threshold(config)
-    mask = probability >= (DEFAULT_THRESHOLD if threshold is None else threshold)
-    labels, count = ndi.label(mask)
-    if count == 0:
-        raise InputDataError(f"the Raidionics brain model ({model_folder.name}) found no brain in the image", image)
-    mask = labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
-    out_mask = Path(out_mask)
-    out_mask.parent.mkdir(parents=True, exist_ok=True)
-    return write_like(mask.astype(np.uint8), img, out_mask, dtype=np.uint8)

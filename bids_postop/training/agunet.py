@@ -36,8 +36,10 @@ import numpy as np
 from bids_postop import __version__
 from bids_postop.agunet.architecture import STUDY_FILTERS, STUDY_SHAPE, TINY_SPEC, NetworkSpec
 from bids_postop.agunet.training import PROGRESS_PREFIX, FoldJob
+from bids_postop.bids.inputs import bids_dataset_name
 from bids_postop.configurations import CONFIGURATIONS
 from bids_postop.errors import BidsPostopError, UsageError
+from bids_postop.training.datasets import trained_on
 
 LOG = logging.getLogger("bids_postop.training")
 STUDY_MAX_EPOCHS = 1000  # an upper bound: the study's AGU-Net stops early (30 epochs without improvement)
@@ -243,12 +245,14 @@ def train_configuration(config: str, args, cases, plan, command: str, *, options
                      description=f"AGU-Net (full volume, {'×'.join(map(str, spec.shape))}, filters "
                                  f"{'/'.join(map(str, spec.filters))}) for residual glioblastoma on early "
                                  f"post-operative MRI, input configuration {config}, {len(folds)} fold network(s) "
-                                 f"averaged; trained with bids_postop-train {__version__}.",
+                                 f"averaged; trained with bids_postop-train {__version__}"
+                                 f"{trained_on(bids_dataset_name(args.bids_dir))}.",
                      extra={"agunet": {"network": spec.to_json(), "folds": folds},
                             "threshold_selection": thr,
                             "training": {
                                 "command": command, "date": _dt.date.today().isoformat(),
-                                "bids_dir": str(args.bids_dir), "data_hash": data_hash, "n_cases": len(usable),
+                                "bids_dir": str(args.bids_dir), "dataset_name": bids_dataset_name(args.bids_dir),
+                                "data_hash": data_hash, "n_cases": len(usable),
                                 "jobs": jobs_key,
                                 "folds": [{"fold": k, "sites": sorted(s for s, f in plan.site_folds.items() if f == k),
                                            "validation": list(jobs[k]["val"])} for k in folds],

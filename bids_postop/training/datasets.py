@@ -169,6 +169,11 @@ def _save_ras(array: np.ndarray, reference: nib.Nifti1Image, path: Path, dtype: 
     nib.save(out, str(path))
 
 
+def trained_on(name: str | None) -> str:
+    """A model card description's " on '<training dataset Name>'" (empty when the dataset has no Name)."""
+    return f" on {name!r}" if name else ""
+
+
 def write_raw_dataset(raw_dir: Path, config: str, cases: Sequence[PreparedCase], *, description: str = "") -> str:
     """Write the nnU-Net v2 raw dataset of ``config`` (replacing any previous one); return its data hash.
 

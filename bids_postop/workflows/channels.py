@@ -37,7 +37,7 @@ def init_channels_wf(
     before skull stripping (for the report).
 
     ``brain_method`` is ``deepbet``, ``hdbet`` or ``raidionics``; ``brain_model`` is the Raidionics brain
-    model folder (resolved, :func:`bids_postop.segmentation.raidionics.resolve_brain_model`) that
+    model folder (resolved, :func:`bids_postop.segmentation.raidionics_brain.resolve_brain_model`) that
     ``raidionics`` needs.
     """
     if brain_method == "raidionics" and not brain_model:
