@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import make_study_models as msm
 
-    from bids_postop.segmentation import nnunet_onnx
+    from bids_postop.segmentation import nnunet_engines
     from bids_postop.segmentation.nnunet import build_predictor
 
     name = "nnunet_B_quick" if args.quick else "nnunet_B"
@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             network(x)
 
-    session = nnunet_onnx.make_session(nnunet_onnx.export_network(network, predictor.list_of_parameters[0], 2, patch),
-                                       args.threads)
-    ort_net = nnunet_onnx.OnnxNetwork(session)
+    exported = nnunet_engines.export_network(network, predictor.list_of_parameters[0], 2, patch)
+    session = nnunet_engines.make_session(exported, args.threads)
+    ort_net = nnunet_engines.OnnxNetwork(session)
     engines = {"torch fp32": (torch_fp32, "fp32"), "onnxruntime fp32": (lambda: ort_net(x), "fp32")}
-    if nnunet_onnx.cpu_computes_bf16():
+    if nnunet_engines.cpu_computes_bf16():
         engines["torch bf16 autocast"] = (torch_bf16, "bf16")
     forward = {}
     for label, (run, precision) in engines.items():

@@ -1,7 +1,8 @@
 """Benchmark: bids_postop's nnU-Net segmentation step against the stock ``nnUNetv2_predict`` CLI (by hand).
 
     python benchmarks/nnunet_vs_stock.py --workdir /tmp/bench_stock [--case study|large] [--folds 1] [--tta]
-        [--quick] [--threads 2] [--device cpu|cuda] [--also-no-crop] [--also-torch] [--bf16] [--skip-stock]
+        [--quick] [--threads 2] [--device cpu|cuda] [--also-no-crop] [--also-torch] [--bf16] [--compiled]
+        [--skip-stock]
 
 Same model (benchmarks/make_study_models.py: the study's nnU-Net, random weights; ``--quick``: the ~8× cheaper
 variant), same skull-stripped two-channel input (benchmarks/study_cases.py, T1w-CE and T1w zeroed outside the
@@ -15,7 +16,9 @@ process and is timed from start to its written outputs:
   pipeline's segment step does, with the default engine (onnxruntime on the CPU; ``--also-torch``: once more
   with the torch engine; ``--also-no-crop``: once more with ``crop=False``, i.e. nnU-Net's
   ``predict_single_npy_array`` on the whole grid; ``--bf16``: once more with bfloat16 autocast, the
-  ``--fast`` preset's precision, which runs with torch).
+  ``--fast`` preset's precision, which runs with torch; ``--compiled``: once more with ``engine="compiled"``,
+  torch.compile with frozen weights, and with ``--bf16`` also in bf16; the compile is timed too: a cold
+  inductor cache costs more than a warm one, see the run's order).
 
 Reported: wall time, peak RSS (process tree), time ratio ours/stock, and agreement with stock: Dice of the
 foreground (ours > 0.5 vs stock's argmax) and the largest absolute probability difference.
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--also-no-crop", action="store_true", help="also time ours without the pre-crop")
     parser.add_argument("--also-torch", action="store_true", help="also time ours with the torch engine (fp32)")
     parser.add_argument("--bf16", action="store_true", help="also time ours with bfloat16 autocast (CPU)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time ours with --nnunet-engine compiled, in fp32 and (with --bf16) in bf16")
     parser.add_argument("--skip-stock", action="store_true")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
@@ -139,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         ours("ours_torch", engine="torch")
     if args.bf16:
         ours("ours_bf16", bf16=True)
+    if args.compiled:
+        ours("ours_compiled", engine="compiled")
+        if args.bf16:
+            ours("ours_bf16_compiled", bf16=True, engine="compiled")
 
     ref = np.asarray(nib.load(runs["ours"]["file"]).dataobj, dtype=np.float32)
     summary = {"case": args.case, "folds": args.folds, "tta": args.tta, "quick": args.quick, "threads": args.threads,
@@ -157,10 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                 "dice": round(dice(prob > 0.5, stock_seg), 5),
                 "max_abs_prob_diff": float(np.abs(prob - stock).max()),
                 "stock_foreground_voxels": int(stock_seg.sum())}
-    if "ours_bf16" in runs:
-        prob = np.asarray(nib.load(runs["ours_bf16"]["file"]).dataobj, dtype=np.float32)
-        summary["bf16_vs_fp32"] = {"dice": round(dice(prob > 0.5, ref > 0.5), 5),
-                                   "max_abs_prob_diff": float(np.abs(prob - ref).max())}
+    summary["vs_ours"] = {}
+    for name in ("ours_bf16", "ours_compiled", "ours_bf16_compiled"):
+        if name in runs:
+            prob = np.asarray(nib.load(runs[name]["file"]).dataobj, dtype=np.float32)
+            summary["vs_ours"][name] = {"dice": round(dice(prob > 0.5, ref > 0.5), 5),
+                                        "max_abs_prob_diff": float(np.abs(prob - ref).max())}
     print(json.dumps({k: v for k, v in summary.items() if k != "machine"}, indent=1))
     out = workdir / f"summary_{tag}.json"
     out.write_text(json.dumps(summary, indent=1))

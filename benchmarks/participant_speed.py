@@ -14,7 +14,8 @@ runs ``bids_postop BIDS OUT participant`` in a fresh process with a fresh work d
 
 Variants: ``nnunet-f<K>[-tta]`` the study-size nnU-Net (benchmarks/make_study_models.py, random weights)
 with K folds averaged, with/without mirroring test-time augmentation; ``nnunet-fast`` the same model with
-``--fast`` (first fold, no mirroring, bf16 where the CPU has it); a ``-torch`` suffix runs the networks with
+``--fast`` (first fold, no mirroring, bf16 where the CPU has it), ``nnunet-fast-compiled`` with
+``--nnunet-engine compiled`` too (torch.compile, frozen weights); a ``-torch`` suffix runs the networks with
 torch instead of the CPU default onnxruntime (``--nnunet-engine torch``); ``agunet`` the AGU-Net-size
 full-volume ONNX model (Raidionics format). ``--quick`` uses the
 ``nnunet_B_quick`` model (same network, 2× coarser spacing, half patch: ~8× less network work) to check the
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study_cases import CASES, machine, make_case, run_measured, write_bids  # noqa: E402
 
-VARIANTS = ("nnunet-f1", "nnunet-f1-tta", "nnunet-f5", "nnunet-f5-tta", "nnunet-fast", "agunet",
+VARIANTS = ("nnunet-f1", "nnunet-f1-tta", "nnunet-f5", "nnunet-f5-tta", "nnunet-fast", "nnunet-fast-compiled", "agunet",
             "nnunet-f1-torch", "nnunet-f1-tta-torch", "nnunet-f5-tta-torch")
 
 
@@ -55,6 +56,8 @@ def model_for(variant: str, models: Path, *, quick: bool) -> tuple[Path, list[st
         msm.build_nnunet_model(models, folds=5, quick=quick)
     if variant == "nnunet-fast":
         return base, ["--fast"]
+    if variant == "nnunet-fast-compiled":
+        return base, ["--fast", "--nnunet-engine", "compiled"]
     match = re.fullmatch(r"nnunet-f(\d)(-tta)?(-torch)?", variant)
     if not match:
         raise SystemExit(f"unknown variant {variant}; choose from {VARIANTS}")

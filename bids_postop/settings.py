@@ -50,7 +50,7 @@ class RunSettings:
     use_mirroring: bool = True
     fast: bool = False  # speed preset: first fold only, no mirroring (use_mirroring is then False), bf16
     precision: str = "fp32"  # nnU-Net networks on the CPU: fp32 | bf16 (used where the CPU computes in bf16)
-    nnunet_engine: str = "auto"  # auto | torch | onnxruntime (CPU fp32)
+    nnunet_engine: str = "auto"  # auto | torch | onnxruntime (CPU fp32) | compiled (CPU, torch.compile)
     reports_only: bool = False
     clean_workdir: bool = False
     boilerplate: bool = False

@@ -157,7 +157,7 @@ def test_onnxruntime_engine_gives_the_torch_result(tmp_path, card_b, demo_case, 
     assert not [r for r in caplog.records if "onnxruntime" in r.getMessage()], caplog.text
     assert reports["auto"]["engine"] == "onnxruntime" and reports["auto"]["precision"] == "fp32"
     assert reports["torch"]["engine"] == "torch" and reports["torch"]["precision"] == "fp32"
-    from bids_postop.segmentation.nnunet_onnx import cpu_computes_bf16
+    from bids_postop.segmentation.nnunet_engines import cpu_computes_bf16
 
     if cpu_computes_bf16():  # elsewhere bf16 falls back to fp32 (and onnxruntime)
         assert reports["bf16"]["engine"] == "torch" and reports["bf16"]["precision"] == "bf16"
@@ -190,11 +190,11 @@ def test_onnxruntime_engine_falls_back_to_torch_when_export_fails(tmp_path, card
         nib.save(img, path)
     import weakref
 
-    from bids_postop.segmentation import nnunet_onnx
+    from bids_postop.segmentation import nnunet_engines
 
     expected = predict_probability(card_b, files, options=replace(FAST, engine="torch"))
     monkeypatch.setitem(sys.modules, "onnx", None)  # what an install without onnx looks like to torch.onnx
-    monkeypatch.setattr(nnunet_onnx, "_EXPORTED", weakref.WeakKeyDictionary())  # nothing exported by earlier tests
+    monkeypatch.setattr(nnunet_engines, "_EXPORTED", weakref.WeakKeyDictionary())  # nothing exported by earlier tests
     report = {}
     with caplog.at_level(logging.WARNING, logger="bids_postop"):
         fallback = predict_probability(card_b, files, options=replace(FAST, engine="onnxruntime"), report=report)
@@ -220,3 +220,88 @@ def test_onnxruntime_engine_exports_each_network_once(tmp_path, card_b, demo_cas
     assert report["engine"] == "onnxruntime"
     assert "exported for onnxruntime" not in caplog.text
     assert np.array_equal(first, second)
+
+
+@pytest.fixture(scope="module")
+def two_fold_model(tmp_path_factory, card_b):
+    """Demo model B with a second fold: fold 0's weights perturbed (5 % of each tensor's spread), so that the
+    ensemble differs from fold 0 alone."""
+    import json
+    import shutil
+
+    import torch
+
+    root = tmp_path_factory.mktemp("two_fold") / "B"
+    shutil.copytree(card_b.folder, root)
+    ckpt = torch.load(root / "nnunet" / "fold_0" / "checkpoint_final.pth", weights_only=True)
+    generator = torch.Generator().manual_seed(1)
+    ckpt["network_weights"] = {
+        k: v + 0.05 * (v.float().std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=generator)
+        if v.is_floating_point() else v for k, v in ckpt["network_weights"].items()}
+    (root / "nnunet" / "fold_1").mkdir()
+    torch.save(ckpt, root / "nnunet" / "fold_1" / "checkpoint_final.pth")
+    card = json.loads((root / "bids_postop_model.json").read_text())
+    card["nnunet"]["folds"] = [0, 1]
+    (root / "bids_postop_model.json").write_text(json.dumps(card))
+    [two] = resolve_models(root)
+    return two
+
+
+@pytest.mark.slow
+def test_compiled_engine_gives_each_folds_torch_result(tmp_path, two_fold_model, demo_case):
+    """torch.compile with frozen weights: each fold is its own compiled copy (a graph frozen with fold 0's
+    weights would answer fold 1's calls with them), so the two-fold ensemble equals eager torch's."""
+    from dataclasses import replace
+
+    from bids_postop.segmentation.nnunet_engines import cpu_computes_bf16, cxx_compiler
+
+    if cxx_compiler() is None:
+        pytest.skip("no C++ compiler: the fallback to torch is tested below")
+    t1ce, t1 = demo_case
+    files = [tmp_path / "t1ce.nii.gz", tmp_path / "t1.nii.gz"]
+    for img, path in zip((t1ce, t1), files, strict=True):
+        nib.save(img, path)
+    card = two_fold_model
+    reports: dict[str, dict] = {"compiled": {}, "bf16": {}}
+    eager = predict_probability(card, files, options=replace(FAST, engine="torch"))
+    fold_0 = predict_probability(card, files, options=replace(FAST, engine="torch", folds=(0,)))
+    compiled = predict_probability(card, files, options=replace(FAST, engine="compiled"), report=reports["compiled"])
+    assert reports["compiled"]["engine"] == "compiled" and reports["compiled"]["precision"] == "fp32"
+    assert reports["compiled"]["n_networks"] == 2
+
+    def dice(a, b):
+        a, b = a > card.threshold, b > card.threshold
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    assert (eager > card.threshold).sum() > 20
+    assert np.abs(eager - fold_0).max() > 0.05  # fold 1 matters here
+    assert np.abs(eager - compiled).max() < 5e-3  # float16 tile accumulation, as for onnxruntime
+    assert dice(eager, compiled) >= 0.99
+    if cpu_computes_bf16():
+        bf16 = predict_probability(card, files, options=replace(FAST, engine="compiled", bf16=True),
+                                   report=reports["bf16"])
+        assert reports["bf16"]["engine"] == "compiled" and reports["bf16"]["precision"] == "bf16"
+        assert dice(eager, bf16) >= 0.95
+    print(f"compiled vs eager: max {np.abs(eager - compiled).max():.2e}, Dice {dice(eager, compiled):.5f}")
+
+
+def test_compiled_engine_falls_back_to_torch_without_a_compiler(tmp_path, card_b, demo_case, caplog, monkeypatch):
+    """No C++ compiler for inductor: the step says so, runs torch, and segment.json reports torch."""
+    import logging
+    from dataclasses import replace
+
+    from bids_postop.segmentation import nnunet_engines
+
+    t1ce, t1 = demo_case
+    files = [tmp_path / "t1ce.nii.gz", tmp_path / "t1.nii.gz"]
+    for img, path in zip((t1ce, t1), files, strict=True):
+        nib.save(img, path)
+    expected = predict_probability(card_b, files, options=replace(FAST, engine="torch"))
+    monkeypatch.setattr(nnunet_engines, "cxx_compiler", lambda: None)
+    monkeypatch.setattr(nnunet_engines, "_COMPILED", __import__("weakref").WeakKeyDictionary())
+    report = {}
+    with caplog.at_level(logging.WARNING, logger="bids_postop"):
+        fallback = predict_probability(card_b, files, options=replace(FAST, engine="compiled"), report=report)
+    assert "compiled could not run this nnU-Net network" in caplog.text and "C++ compiler" in caplog.text
+    assert np.array_equal(fallback, expected)
+    assert report["engine"] == "torch"

@@ -120,10 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU arithmetic of nnU-Net networks: bf16 (torch autocast; about half the time on CPUs "
                         "with AVX512-BF16 or AMX, probabilities change slightly: benchmarks/RESULTS.md) or fp32. "
                         "auto: bf16 with --fast, else fp32. On a GPU nnU-Net's own fp16 autocast is used")
-    g.add_argument("--nnunet-engine", choices=("auto", "torch", "onnxruntime"), default="auto",
-                   help="what runs nnU-Net networks on the CPU in fp32: onnxruntime (about 0.75x torch's time; "
-                        "segmentations agree with torch's at Dice >= 0.999) or torch. auto: onnxruntime on the "
-                        "CPU in fp32, torch on a GPU or in bf16")
+    g.add_argument("--nnunet-engine", choices=("auto", "torch", "onnxruntime", "compiled"), default="auto",
+                   help="what runs nnU-Net networks on the CPU: onnxruntime (fp32; about 0.75x torch's time, "
+                        "segmentations agree with torch's at Dice >= 0.999), torch, or compiled (torch.compile "
+                        "with frozen weights: about 0.65x eager torch's time in bf16, after a one-off compile of "
+                        "~10-40 s per fold; needs a C++ compiler; pays on large images). auto: onnxruntime on "
+                        "the CPU in fp32, torch on a GPU or in bf16. An engine that fails falls back to torch")
     g.add_argument("--min-component-voxels", type=int, default=20, metavar="N",
                    help="remove residual components smaller than N voxels (default: 20)")
     g.add_argument("--gtr-cutoff-ml", type=float, default=0.175, metavar="ML",

@@ -134,7 +134,7 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     trust_checkpoint = traits.Bool(False, usedefault=True, desc="allow full (pickle) loading of nnU-Net checkpoints")
     first_fold_only = traits.Bool(False, usedefault=True, desc="run only the model's first fold (--fast)")
     precision = traits.Enum("fp32", "bf16", usedefault=True, desc="nnU-Net networks on the CPU (--precision)")
-    nnunet_engine = traits.Enum("auto", "torch", "onnxruntime", usedefault=True, desc="--nnunet-engine")
+    nnunet_engine = traits.Enum("auto", "torch", "onnxruntime", "compiled", usedefault=True, desc="--nnunet-engine")
     postop_t1ce = File(exists=True, mandatory=True)
     postop_t1 = File(exists=True)
     postop_flair = File(exists=True)

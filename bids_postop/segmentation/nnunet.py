@@ -30,7 +30,7 @@ import numpy as np
 
 from bids_postop.core.images import from_ras, load_3d, ras_voxel_sizes, same_grid, to_ras
 from bids_postop.errors import InputDataError, ModelError
-from bids_postop.segmentation import nnunet_onnx
+from bids_postop.segmentation import nnunet_engines
 from bids_postop.segmentation.models import ModelCard
 
 LOG = logging.getLogger("bids_postop")
@@ -45,8 +45,8 @@ class NnUNetOptions:
     folds: tuple[int | str, ...] | None = None  # None: the card's folds, else every fold_* present
     crop: bool = True  # crop to the channels' nonzero box before nnU-Net (same result, less work)
     threads: int | None = None  # torch threads for the steps nnU-Net runs with its own count; None: torch's
-    bf16: bool = False  # CPU: bfloat16 autocast of the network (torch engine; changes probabilities slightly)
-    engine: str = "auto"  # "torch", "onnxruntime" (CPU fp32) or "auto" (see nnunet_onnx.resolve_engine)
+    bf16: bool = False  # CPU: bfloat16 autocast (torch and compiled engines; changes probabilities slightly)
+    engine: str = "auto"  # auto | torch | onnxruntime (CPU fp32) | compiled (CPU): nnunet_engines.resolve_engine
     trust_checkpoint: bool = False  # allow checkpoints that need pickle (can run code from the file)
 
 
@@ -244,10 +244,10 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
     predictor = build_predictor(folder, tuple(folds), checkpoint, options.device, options.use_mirroring,
                                 options.tile_step_size, options.trust_checkpoint)
     box = nonzero_box(arrays) if options.crop else None
-    bf16 = options.bf16 and predictor.device.type == "cpu" and nnunet_onnx.cpu_computes_bf16()
+    bf16 = options.bf16 and predictor.device.type == "cpu" and nnunet_engines.cpu_computes_bf16()
     if options.bf16 and predictor.device.type == "cpu" and not bf16:
         LOG.info("bf16 requested but this CPU has no bf16 instructions (AVX512-BF16/AMX): running fp32")
-    engine = nnunet_onnx.resolve_engine(options.engine, predictor.device.type, bf16) if box else "torch"
+    engine = nnunet_engines.resolve_engine(options.engine, predictor.device.type, bf16) if box else "torch"
     if report is not None:
         report.update(backend="nnunet", folds=list(folds), n_networks=len(predictor.list_of_parameters),
                       use_mirroring=bool(predictor.use_mirroring),
@@ -263,7 +263,7 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
         foreground[box], engine = _predict_box(predictor, np.stack([a[box] for a in arrays]), spacing,
                                                options.threads, bf16=bf16, engine=engine)
     if report is not None:  # the engine that ran (onnxruntime may have fallen back to torch)
-        report.update(engine=engine, precision="bf16" if bf16 and engine == "torch"
+        report.update(engine=engine, precision="bf16" if bf16 and engine in ("torch", "compiled")
                       else "fp32" if predictor.device.type == "cpu" else "fp16 autocast (nnU-Net)")
     return np.ascontiguousarray(from_ras(foreground.transpose(2, 1, 0), reference.affine), dtype=np.float32)
 
@@ -287,20 +287,22 @@ def _predict_box(predictor: Any, data: np.ndarray, spacing: list[float], threads
                  bf16: bool = False, engine: str = "torch") -> tuple[np.ndarray, str]:
     """Foreground probability of a (C, z, y, x) box: nnU-Net's preprocessing, sliding window and resampling
     back, i.e. ``predict_single_npy_array`` without its whole-grid work; and the engine that ran. ``engine``
-    "onnxruntime" answers the network calls with onnxruntime sessions
-    (:mod:`bids_postop.segmentation.nnunet_onnx`), falling back to torch if that fails."""
+    "onnxruntime" or "compiled" answers the network calls with that engine's fold networks
+    (:mod:`bids_postop.segmentation.nnunet_engines`), falling back to torch if that fails."""
     import torch
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
     data, properties = _preprocess_for_inference(predictor, data, spacing)
     tensor = torch.from_numpy(data)
     logits = None
-    if engine == "onnxruntime":
+    if engine != "torch":
         try:
-            logits = nnunet_onnx.predict_logits(predictor, tensor, threads or torch.get_num_threads()).float()
-        except Exception as exc:  # torch.onnx / onnxruntime raise many types; torch gives the same result
-            LOG.warning("onnxruntime could not run this nnU-Net network (%s: %s); running it with torch",
-                        type(exc).__name__, exc)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and engine == "compiled"):
+                logits = nnunet_engines.predict_logits(predictor, tensor, threads or torch.get_num_threads(),
+                                                       engine).float()
+        except Exception as exc:  # torch.onnx / onnxruntime / inductor raise many types; torch gives the same result
+            LOG.warning("%s could not run this nnU-Net network (%s: %s); running it with torch",
+                        engine, type(exc).__name__, str(exc)[:500])
             engine = "torch"
     if logits is None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # bf16: CPU only (caller)
