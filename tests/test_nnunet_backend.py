@@ -248,24 +248,32 @@ def two_fold_model(tmp_path_factory, card_b):
 
 
 @pytest.mark.slow
-def test_compiled_engine_gives_each_folds_torch_result(tmp_path, two_fold_model, demo_case):
-    """torch.compile with frozen weights: each fold is its own compiled copy (a graph frozen with fold 0's
-    weights would answer fold 1's calls with them), so the two-fold ensemble equals eager torch's."""
+def test_engines_run_every_fold_of_an_ensemble(tmp_path, two_fold_model, demo_case, caplog):
+    """onnxruntime and torch.compile with frozen weights give eager torch's two-fold ensemble: each fold is
+    exported / compiled from the predictor's torch network (not from the previous fold's engine network, which
+    made every multi-fold model fall back to torch) and, compiled, is its own copy (a graph frozen with fold 0's
+    weights would answer fold 1's calls with them)."""
+    import logging
     from dataclasses import replace
 
     from bids_postop.segmentation.nnunet_engines import cpu_computes_bf16, cxx_compiler
 
     if cxx_compiler() is None:
-        pytest.skip("no C++ compiler: the fallback to torch is tested below")
+        pytest.skip("no C++ compiler for the compiled engine: its fallback to torch is tested below")
     t1ce, t1 = demo_case
     files = [tmp_path / "t1ce.nii.gz", tmp_path / "t1.nii.gz"]
     for img, path in zip((t1ce, t1), files, strict=True):
         nib.save(img, path)
     card = two_fold_model
-    reports: dict[str, dict] = {"compiled": {}, "bf16": {}}
+    reports: dict[str, dict] = {"ort": {}, "compiled": {}, "bf16": {}}
     eager = predict_probability(card, files, options=replace(FAST, engine="torch"))
     fold_0 = predict_probability(card, files, options=replace(FAST, engine="torch", folds=(0,)))
-    compiled = predict_probability(card, files, options=replace(FAST, engine="compiled"), report=reports["compiled"])
+    with caplog.at_level(logging.WARNING, logger="bids_postop"):
+        ort = predict_probability(card, files, options=replace(FAST, engine="onnxruntime"), report=reports["ort"])
+        compiled = predict_probability(card, files, options=replace(FAST, engine="compiled"),
+                                       report=reports["compiled"])
+    assert "could not run" not in caplog.text
+    assert reports["ort"]["engine"] == "onnxruntime" and reports["ort"]["n_networks"] == 2
     assert reports["compiled"]["engine"] == "compiled" and reports["compiled"]["precision"] == "fp32"
     assert reports["compiled"]["n_networks"] == 2
 
@@ -275,8 +283,9 @@ def test_compiled_engine_gives_each_folds_torch_result(tmp_path, two_fold_model,
 
     assert (eager > card.threshold).sum() > 20
     assert np.abs(eager - fold_0).max() > 0.05  # fold 1 matters here
-    assert np.abs(eager - compiled).max() < 5e-3  # float16 tile accumulation, as for onnxruntime
-    assert dice(eager, compiled) >= 0.99
+    for name, result in (("onnxruntime", ort), ("compiled", compiled)):
+        assert np.abs(eager - result).max() < 5e-3, name  # float16 tile accumulation
+        assert dice(eager, result) >= 0.99, name
     if cpu_computes_bf16():
         bf16 = predict_probability(card, files, options=replace(FAST, engine="compiled", bf16=True),
                                    report=reports["bf16"])

@@ -116,14 +116,15 @@ def export_network(network: Any, parameters: dict, n_channels: int, patch_size: 
     return buffer.getvalue()
 
 
-def exported_network(predictor: Any, index: int, n_channels: int) -> bytes:
-    """The ONNX bytes of the predictor's fold ``index``, exported on first use."""
+def exported_network(predictor: Any, index: int, n_channels: int, network: Any) -> bytes:
+    """The ONNX bytes of the predictor's fold ``index`` (``network``: the predictor's torch network, not what
+    answers its calls now), exported on first use."""
     patch_size = [int(v) for v in predictor.configuration_manager.patch_size]
     models = _EXPORTED.setdefault(predictor, {})
     key = (index, n_channels, tuple(patch_size))
     if key not in models:
         start = time.perf_counter()
-        models[key] = export_network(predictor.network, predictor.list_of_parameters[index], n_channels, patch_size)
+        models[key] = export_network(network, predictor.list_of_parameters[index], n_channels, patch_size)
         LOG.debug("network %d exported for onnxruntime in %.1f s", index, time.perf_counter() - start)
     return models[key]
 
@@ -146,9 +147,32 @@ def cxx_compiler() -> str | None:
     return None
 
 
-def compiled_network(predictor: Any, index: int) -> Any:
-    """The predictor's fold ``index`` as its own network copy compiled with inductor freezing (once per
-    predictor; compiling happens at the first call)."""
+class FrozenCompiledNetwork:
+    """A ``torch.compile``d network called with inductor's ``freezing`` on. Freezing is read while compiling,
+    which happens at the first call (and at a recompile, e.g. when bf16 autocast is switched on), so every call
+    runs under the setting; ``torch.compile(options={"freezing": True})`` does not reach that step (measured:
+    eager speed). ``to``/``eval`` are accepted (the predictor calls them) and do nothing."""
+
+    def __init__(self, compiled: Any):
+        self.compiled = compiled
+
+    def __call__(self, x: Any) -> Any:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(x)
+
+    def to(self, *_: Any, **__: Any) -> FrozenCompiledNetwork:
+        return self
+
+    def eval(self) -> FrozenCompiledNetwork:
+        return self
+
+
+def compiled_network(predictor: Any, index: int, network: Any) -> Any:
+    """The predictor's fold ``index`` as its own copy of ``network`` (the predictor's torch network, not
+    whatever answers its calls now) compiled with inductor freezing (once per predictor; compiling happens at
+    the first call)."""
     import torch
 
     networks = _COMPILED.setdefault(predictor, {})
@@ -157,19 +181,20 @@ def compiled_network(predictor: Any, index: int) -> Any:
             raise RuntimeError("torch.compile on the CPU needs a C++ compiler (g++ or clang++; none on PATH)")
         # inductor's C++ build logs "No CUDA runtime is found" at WARNING on CPU-only machines: not a problem here
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        network = copy.deepcopy(getattr(predictor.network, "_orig_mod", predictor.network))
-        network.load_state_dict(predictor.list_of_parameters[index])
-        network.eval()
-        networks[index] = torch.compile(network, options={"freezing": True})
+        fold = copy.deepcopy(getattr(network, "_orig_mod", network))
+        fold.load_state_dict(predictor.list_of_parameters[index])
+        fold.eval()
+        networks[index] = FrozenCompiledNetwork(torch.compile(fold))
     return networks[index]
 
 
-def fold_network(predictor: Any, index: int, n_channels: int, engine: str, threads: int) -> Any:
-    """What answers fold ``index``'s network calls for ``engine`` (onnxruntime or compiled)."""
+def fold_network(predictor: Any, network: Any, index: int, n_channels: int, engine: str, threads: int) -> Any:
+    """What answers fold ``index``'s network calls for ``engine`` (onnxruntime or compiled); ``network`` is
+    the predictor's torch network."""
     if engine == "onnxruntime":
-        return OnnxNetwork(make_session(exported_network(predictor, index, n_channels), threads))
+        return OnnxNetwork(make_session(exported_network(predictor, index, n_channels, network), threads))
     if engine == "compiled":
-        return compiled_network(predictor, index)
+        return compiled_network(predictor, index, network)
     raise ValueError(f"engine {engine!r} has no fold networks (torch runs nnU-Net's own loop)")
 
 
@@ -186,7 +211,7 @@ def predict_logits(predictor: Any, data: Any, threads: int, engine: str = "onnxr
         for index in range(len(predictor.list_of_parameters)):
             start = time.perf_counter()
             # replaces (for onnxruntime: frees) the last fold's
-            predictor.network = fold_network(predictor, index, n_channels, engine, threads)
+            predictor.network = fold_network(predictor, network, index, n_channels, engine, threads)
             logits = predictor.predict_sliding_window_return_logits(data).to("cpu")
             LOG.debug("fold %d (%s): %.1f s", index, engine, time.perf_counter() - start)
             prediction = logits if prediction is None else prediction + logits
