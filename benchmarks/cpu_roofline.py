@@ -8,8 +8,10 @@ whether a faster engine could still shorten them with the same arithmetic:
 - the study network's work per patch, counted from its layers (multiply-accumulates of every convolution and
   transposed convolution for one 1×C×patch input; ×2 = floating-point operations);
 - the CPU's attainable throughput: a 4096×4096×4096 matrix product (oneDNN/MKL through torch) in fp32 and bf16;
-- each engine's forward pass (torch fp32, onnxruntime fp32, torch bf16 autocast), its time and its achieved
-  GFLOP/s as a share of the matrix-product figure of the same precision.
+- each engine's forward pass (torch fp32, onnxruntime fp32, torch bf16 autocast, and with a C++ compiler the
+  compiled engine in fp32 and bf16), its time (best of ``--repeats`` after a first call, whose time is given
+  too: it includes the compile) and its achieved GFLOP/s as a share of the matrix-product figure of the same
+  precision.
 
 Random weights (benchmarks/make_study_models.py, fold 0; built under ``--models`` when missing): timing does not
 depend on them. Prints one JSON object (machine, versions, figures).
@@ -116,13 +118,27 @@ def main(argv: list[str] | None = None) -> int:
     session = nnunet_engines.make_session(exported, args.threads)
     ort_net = nnunet_engines.OnnxNetwork(session)
     engines = {"torch fp32": (torch_fp32, "fp32"), "onnxruntime fp32": (lambda: ort_net(x), "fp32")}
-    if nnunet_engines.cpu_computes_bf16():
+    bf16 = nnunet_engines.cpu_computes_bf16()
+    if bf16:
         engines["torch bf16 autocast"] = (torch_bf16, "bf16")
+    if nnunet_engines.cxx_compiler():
+        compiled = nnunet_engines.compiled_network(predictor, 0, network)
+
+        def compiled_run(enabled: bool) -> None:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                compiled(x)
+
+        engines["compiled fp32"] = (lambda: compiled_run(False), "fp32")
+        if bf16:
+            engines["compiled bf16 autocast"] = (lambda: compiled_run(True), "bf16")
     forward = {}
     for label, (run, precision) in engines.items():
-        run()  # warm-up
+        start = time.perf_counter()
+        run()  # warm-up (the compiled engine compiles here)
+        first = time.perf_counter() - start
         seconds = best_of(args.repeats, run)
-        forward[label] = {"s": round(seconds, 2), "gflop_per_s": round(gflop / seconds, 1),
+        forward[label] = {"s": round(seconds, 2), "first_call_s": round(first, 1),
+                          "gflop_per_s": round(gflop / seconds, 1),
                           "share_of_gemm_peak": round(gflop / seconds / peak[precision], 2)}
         print(f"{label}: {seconds:.2f} s, {gflop / seconds:.0f} GFLOP/s", file=sys.stderr, flush=True)
     info = machine()
