@@ -34,13 +34,20 @@ LABEL org.opencontainers.image.title="bids_postop" \
       org.opencontainers.image.description="Residual glioblastoma segmentation in early post-operative MRI (BIDS app)" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
+# g++: --nnunet-engine compiled (torch.compile) builds its CPU kernels at run time; without it that engine falls
+# back to torch with a warning. Same version as the CI machine (Debian bookworm).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
-# HOME and caches writable by any UID (docker run -u, Singularity): HD-BET and nnU-Net write under HOME.
+# HOME and caches writable by any UID (docker run -u, Singularity): HD-BET and nnU-Net write under HOME; torch's
+# compile cache is named by user name by default, which an arbitrary UID without a passwd entry has not.
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp/home \
     MPLCONFIGDIR=/tmp/home/.config/matplotlib \
     nnUNet_raw=/tmp/nnunet/raw nnUNet_preprocessed=/tmp/nnunet/preprocessed nnUNet_results=/tmp/nnunet/results \
     BIDS_POSTOP_HOME=/opt/bids_postop/models \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
     PYTHONUNBUFFERED=1
 # Baked models are read-only at run time; to fetch more, point BIDS_POSTOP_HOME at a writable bind mount.
 RUN mkdir -p /tmp/home "${BIDS_POSTOP_HOME}" && chmod 1777 /tmp/home \

@@ -36,6 +36,10 @@ def test_dockerfile_and_singularity_agree_with_the_package():
     assert recipe.cmd.startswith("exec bids_postop")
     docker_home = re.search(r"HOME=(\S+)", docker).group(1)
     assert f"HOME={docker_home}" in recipe.environ
+    # the compiled nnU-Net engine: a C++ compiler in the image, and a compile cache that any UID can write
+    assert re.search(r"apt-get install .*\bg\+\+=", docker)
+    assert "TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor" in docker
+    assert "TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor" in recipe.environ
 
 
 def test_descriptor_is_up_to_date_with_the_parser():
