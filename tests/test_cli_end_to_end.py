@@ -62,6 +62,12 @@ def test_outputs_are_on_the_contrast_t1w_grid(demo_run, sub, config, site):
     assert row["config"] == config and row["site"] == site and row["model"] == f"demo-{config}"
     assert float(row["residual_volume_ml"]) == pytest.approx(mask.sum() * voxel_ml, rel=1e-3)
     assert row["resection_status"] == ("GTR" if float(row["residual_volume_ml"]) < 0.175 else "RT")
+    # what the segmentation actually ran, beside what was asked (default preset: onnxruntime on the CPU)
+    measures = json.loads((out / f"sub-{sub}" / "ses-postop" / f"sub-{sub}_ses-postop_desc-residual_measures.json")
+                          .read_text())
+    ran = measures["provenance"]["segmentation"]
+    assert ran["engine"] == "onnxruntime" and ran["precision"] == "fp32" and ran["use_mirroring"] is True
+    assert measures["provenance"]["preset"]["nnunet_engine"] == "auto"
     if config == "E":
         assert float(row["preop_volume_ml"]) > 1 and row["eor_percent"] != ""
     else:

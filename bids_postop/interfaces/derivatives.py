@@ -22,6 +22,8 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     probseg = File(exists=True, mandatory=True)
     brain_mask = File(exists=True, mandatory=True)
     measures = File(exists=True, mandatory=True)
+    segmentation_run = File(exists=True, desc="segment.json: what the backend ran (engine after any fallback, "
+                                              "precision, folds, mirroring, tile step)")
 
 
 class _SinkOutputSpec(TraitedSpec):
@@ -45,6 +47,16 @@ class DerivativesSink(SimpleInterface):
             residual_mask=Path(self.inputs.residual_mask), residual_probseg=Path(self.inputs.probseg),
             brain_mask=Path(self.inputs.brain_mask), measures=json.loads(Path(self.inputs.measures).read_text()),
             model=self.inputs.model, configuration=self.inputs.configuration,
-            extra_provenance=self.inputs.provenance if self.inputs.provenance else None)
+            extra_provenance=self._provenance())
         self._results["out_files"] = [str(p) for p in outputs.all_files()]
         return runtime
+
+    def _provenance(self) -> dict | None:
+        """The run's provenance, with what the segmentation backend actually ran (``provenance.preset`` says
+        what was asked: an engine that failed fell back to torch)."""
+        from nipype.interfaces.base import isdefined
+
+        provenance = dict(self.inputs.provenance or {})
+        if isdefined(self.inputs.segmentation_run):
+            provenance["segmentation"] = json.loads(Path(self.inputs.segmentation_run).read_text())
+        return provenance or None

@@ -88,7 +88,7 @@ def init_participant_wf(
         model=card.provenance(), provenance=dict(provenance or {})), name="ds_outputs", run_without_submitting=True)
     workflow.connect([
         (segment, postprocess, [("out_file", "probseg")]),
-        (segment, ds_outputs, [("out_file", "probseg")]),
+        (segment, ds_outputs, [("out_file", "probseg"), ("run_info", "segmentation_run")]),
         (postprocess, ds_outputs, [("residual_mask", "residual_mask"), ("measures", "measures")]),
         (channels_wf, ds_outputs, [("outputnode.brain_mask", "brain_mask")]),
     ])
