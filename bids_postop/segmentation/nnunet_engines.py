@@ -12,12 +12,14 @@ the predictor (no file; ~63 MiB per study-size fold), so a process that segments
 once. Each fold's session is freed before the next one's is built, so at most one session's arena is held.
 
 **compiled** (``--nnunet-engine compiled``; CPU). ``torch.compile`` with inductor's ``freezing``: the fold's
-weights become constants of the compiled graph, which lets oneDNN pre-pack them — with bf16 autocast the
-study patch takes 3.2–3.5 s against eager bf16's 4.7–5.0 s (fp32: 6.5 s, about onnxruntime's). Compiling
-costs ~40 s the first time on 2 cores and ~8 s once inductor's on-disk cache holds the graph, and needs a C++
-compiler, so it pays on study-size images and is never chosen by ``auto``. Because frozen weights are copied
-into the graph, each fold gets its own network copy, compiled once per predictor and never reloaded (nnU-Net's
-fold loop reloads weights into one network, which a frozen graph would not see).
+weights become constants of the compiled graph, which lets oneDNN pre-pack them. Study patch on 2 cores:
+3.1–3.2 s with bf16 autocast (eager bf16 4.7–5.0 s), 6.2 s in fp32 (onnxruntime 7.3 s); the study case's
+segmentation step took 0.64× stock nnU-Net's time with identical output in fp32, 0.38× in bf16
+(benchmarks/RESULTS.md). Compiling costs ~40 s the first time and ~10 s once inductor's on-disk cache holds
+the graph, and needs a C++ compiler, so it pays on study-size images and is never chosen by ``auto``. Because
+frozen weights are copied into the graph, each fold gets its own network copy (kept with the predictor, like
+the ONNX bytes), compiled once and never reloaded (nnU-Net's fold loop reloads weights into one network,
+which a frozen graph would not see).
 
 The network classes are those ``plans.json`` may name (installed packages only, see
 ``nnunet.check_network_classes``); a network that an engine cannot export, compile or run falls back to torch
