@@ -34,6 +34,16 @@ def demo_case(tmp_path_factory):
     return nib.load(t1ce), nib.load(t1)
 
 
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory, demo_case):
+    """The demo case's T1w-CE and T1w written once, in the demo model's channel order."""
+    root = tmp_path_factory.mktemp("demo_files")
+    files = [root / "t1ce.nii.gz", root / "t1.nii.gz"]
+    for img, path in zip(demo_case, files, strict=True):
+        nib.save(img, path)
+    return files
+
+
 def reoriented(img: nib.Nifti1Image, codes: str, oblique_deg: float = 0.0) -> nib.Nifti1Image:
     """The same image stored in another voxel order (and optionally with an oblique affine)."""
     from nibabel import orientations as nio
@@ -135,17 +145,13 @@ def test_nonzero_box():
     assert nonzero_box([a, b]) == (slice(1, 4), slice(2, 5), slice(0, 4))
 
 
-def test_onnxruntime_engine_gives_the_torch_result(tmp_path, card_b, demo_case, caplog):
+def test_onnxruntime_engine_gives_the_torch_result(card_b, demo_files, caplog):
     """The default CPU engine answers nnU-Net's network calls with onnxruntime (fp32): same tiles, Gaussian,
     mirroring and fold averaging as torch, probabilities equal up to float rounding. The bf16 torch path is
     reported as such and stays close to fp32 on this trained model."""
     import logging
     from dataclasses import replace
 
-    t1ce, t1 = demo_case
-    files = [tmp_path / "t1ce.nii.gz", tmp_path / "t1.nii.gz"]
-    for img, path in zip((t1ce, t1), files, strict=True):
-        nib.save(img, path)
     mirrored = NnUNetOptions(device="cpu", use_mirroring=True)
     reports = {}
     probabilities = {}
@@ -153,7 +159,7 @@ def test_onnxruntime_engine_gives_the_torch_result(tmp_path, card_b, demo_case, 
         for name, options in (("torch", replace(mirrored, engine="torch")), ("auto", mirrored),
                               ("bf16", replace(mirrored, bf16=True))):
             reports[name] = {}
-            probabilities[name] = predict_probability(card_b, files, options=options, report=reports[name])
+            probabilities[name] = predict_probability(card_b, demo_files, options=options, report=reports[name])
     assert not [r for r in caplog.records if "onnxruntime" in r.getMessage()], caplog.text
     assert reports["auto"]["engine"] == "onnxruntime" and reports["auto"]["precision"] == "fp32"
     assert reports["torch"]["engine"] == "torch" and reports["torch"]["precision"] == "fp32"
@@ -177,46 +183,37 @@ def test_onnxruntime_engine_gives_the_torch_result(tmp_path, card_b, demo_case, 
     assert dice(torch_p, bf16_p) >= 0.95  # bf16 changes probabilities; by how much is in benchmarks/RESULTS.md
 
 
-def test_onnxruntime_engine_falls_back_to_torch_when_export_fails(tmp_path, card_b, demo_case, caplog,
+def test_onnxruntime_engine_falls_back_to_torch_when_export_fails(card_b, demo_files, caplog,
                                                                   monkeypatch):
     """Without the ``onnx`` package torch cannot export the network: the step says so and runs torch."""
     import logging
     import sys
-    from dataclasses import replace
-
-    t1ce, t1 = demo_case
-    files = [tmp_path / "t1ce.nii.gz", tmp_path / "t1.nii.gz"]
-    for img, path in zip((t1ce, t1), files, strict=True):
-        nib.save(img, path)
     import weakref
+    from dataclasses import replace
 
     from bids_postop.segmentation import nnunet_engines
 
-    expected = predict_probability(card_b, files, options=replace(FAST, engine="torch"))
+    expected = predict_probability(card_b, demo_files, options=replace(FAST, engine="torch"))
     monkeypatch.setitem(sys.modules, "onnx", None)  # what an install without onnx looks like to torch.onnx
     monkeypatch.setattr(nnunet_engines, "_EXPORTED", weakref.WeakKeyDictionary())  # nothing exported by earlier tests
     report = {}
     with caplog.at_level(logging.WARNING, logger="bids_postop"):
-        fallback = predict_probability(card_b, files, options=replace(FAST, engine="onnxruntime"), report=report)
+        fallback = predict_probability(card_b, demo_files, options=replace(FAST, engine="onnxruntime"), report=report)
     assert "onnxruntime could not run this nnU-Net network" in caplog.text
     assert np.array_equal(fallback, expected)
     assert report["engine"] == "torch"  # segment.json says what ran
 
 
-def test_onnxruntime_engine_exports_each_network_once(tmp_path, card_b, demo_case, caplog):
+def test_onnxruntime_engine_exports_each_network_once(card_b, demo_files, caplog):
     """A process that segments several participants exports the fold networks once (about 10 s each for the
     study network), not once per participant."""
     import logging
 
-    t1ce, t1 = demo_case
-    files = [tmp_path / "t1ce.nii.gz", tmp_path / "t1.nii.gz"]
-    for img, path in zip((t1ce, t1), files, strict=True):
-        nib.save(img, path)
     with caplog.at_level(logging.DEBUG, logger="bids_postop"):
-        first = predict_probability(card_b, files, options=FAST)
+        first = predict_probability(card_b, demo_files, options=FAST)
         caplog.clear()
         report = {}
-        second = predict_probability(card_b, files, options=FAST, report=report)
+        second = predict_probability(card_b, demo_files, options=FAST, report=report)
     assert report["engine"] == "onnxruntime"
     assert "exported for onnxruntime" not in caplog.text
     assert np.array_equal(first, second)
@@ -248,7 +245,7 @@ def two_fold_model(tmp_path_factory, card_b):
 
 
 @pytest.mark.slow
-def test_engines_run_every_fold_of_an_ensemble(tmp_path, two_fold_model, demo_case, caplog):
+def test_engines_run_every_fold_of_an_ensemble(two_fold_model, demo_files, caplog):
     """onnxruntime and torch.compile with frozen weights give eager torch's two-fold ensemble: each fold is
     exported / compiled from the predictor's torch network (not from the previous fold's engine network, which
     made every multi-fold model fall back to torch) and, compiled, is its own copy (a graph frozen with fold 0's
@@ -258,24 +255,15 @@ def test_engines_run_every_fold_of_an_ensemble(tmp_path, two_fold_model, demo_ca
 
     from bids_postop.segmentation.nnunet_engines import cpu_computes_bf16, cxx_compiler
 
-    if cxx_compiler() is None:
-        pytest.skip("no C++ compiler for the compiled engine: its fallback to torch is tested below")
-    t1ce, t1 = demo_case
-    files = [tmp_path / "t1ce.nii.gz", tmp_path / "t1.nii.gz"]
-    for img, path in zip((t1ce, t1), files, strict=True):
-        nib.save(img, path)
     card = two_fold_model
-    reports: dict[str, dict] = {"ort": {}, "compiled": {}, "bf16": {}}
-    eager = predict_probability(card, files, options=replace(FAST, engine="torch"))
-    fold_0 = predict_probability(card, files, options=replace(FAST, engine="torch", folds=(0,)))
+    engines = ["onnxruntime"] + (["compiled"] if cxx_compiler() else [])  # without a compiler: fallback test below
+    eager = predict_probability(card, demo_files, options=replace(FAST, engine="torch"))
+    fold_0 = predict_probability(card, demo_files, options=replace(FAST, engine="torch", folds=(0,)))
+    reports: dict[str, dict] = {name: {} for name in engines}
     with caplog.at_level(logging.WARNING, logger="bids_postop"):
-        ort = predict_probability(card, files, options=replace(FAST, engine="onnxruntime"), report=reports["ort"])
-        compiled = predict_probability(card, files, options=replace(FAST, engine="compiled"),
-                                       report=reports["compiled"])
+        results = {name: predict_probability(card, demo_files, options=replace(FAST, engine=name),
+                                             report=reports[name]) for name in engines}
     assert "could not run" not in caplog.text
-    assert reports["ort"]["engine"] == "onnxruntime" and reports["ort"]["n_networks"] == 2
-    assert reports["compiled"]["engine"] == "compiled" and reports["compiled"]["precision"] == "fp32"
-    assert reports["compiled"]["n_networks"] == 2
 
     def dice(a, b):
         a, b = a > card.threshold, b > card.threshold
@@ -283,34 +271,32 @@ def test_engines_run_every_fold_of_an_ensemble(tmp_path, two_fold_model, demo_ca
 
     assert (eager > card.threshold).sum() > 20
     assert np.abs(eager - fold_0).max() > 0.05  # fold 1 matters here
-    for name, result in (("onnxruntime", ort), ("compiled", compiled)):
+    for name, result in results.items():
+        assert reports[name]["engine"] == name and reports[name]["precision"] == "fp32", name
+        assert reports[name]["n_networks"] == 2, name
         assert np.abs(eager - result).max() < 5e-3, name  # float16 tile accumulation
         assert dice(eager, result) >= 0.99, name
-    if cpu_computes_bf16():
-        bf16 = predict_probability(card, files, options=replace(FAST, engine="compiled", bf16=True),
-                                   report=reports["bf16"])
-        assert reports["bf16"]["engine"] == "compiled" and reports["bf16"]["precision"] == "bf16"
+        print(f"{name} vs eager: max {np.abs(eager - result).max():.2e}, Dice {dice(eager, result):.5f}")
+    if "compiled" in engines and cpu_computes_bf16():
+        report: dict = {}
+        bf16 = predict_probability(card, demo_files, options=replace(FAST, engine="compiled", bf16=True),
+                                   report=report)
+        assert report["engine"] == "compiled" and report["precision"] == "bf16"
         assert dice(eager, bf16) >= 0.95
-    print(f"compiled vs eager: max {np.abs(eager - compiled).max():.2e}, Dice {dice(eager, compiled):.5f}")
 
-
-def test_compiled_engine_falls_back_to_torch_without_a_compiler(tmp_path, card_b, demo_case, caplog, monkeypatch):
+def test_compiled_engine_falls_back_to_torch_without_a_compiler(card_b, demo_files, caplog, monkeypatch):
     """No C++ compiler for inductor: the step says so, runs torch, and segment.json reports torch."""
     import logging
     from dataclasses import replace
 
     from bids_postop.segmentation import nnunet_engines
 
-    t1ce, t1 = demo_case
-    files = [tmp_path / "t1ce.nii.gz", tmp_path / "t1.nii.gz"]
-    for img, path in zip((t1ce, t1), files, strict=True):
-        nib.save(img, path)
-    expected = predict_probability(card_b, files, options=replace(FAST, engine="torch"))
+    expected = predict_probability(card_b, demo_files, options=replace(FAST, engine="torch"))
     monkeypatch.setattr(nnunet_engines, "cxx_compiler", lambda: None)
     monkeypatch.setattr(nnunet_engines, "_COMPILED", __import__("weakref").WeakKeyDictionary())
     report = {}
     with caplog.at_level(logging.WARNING, logger="bids_postop"):
-        fallback = predict_probability(card_b, files, options=replace(FAST, engine="compiled"), report=report)
+        fallback = predict_probability(card_b, demo_files, options=replace(FAST, engine="compiled"), report=report)
     assert "compiled could not run this nnU-Net network" in caplog.text and "C++ compiler" in caplog.text
     assert np.array_equal(fallback, expected)
     assert report["engine"] == "torch"

@@ -357,21 +357,23 @@ def _raidionics_brain_model(args) -> str | None:
     return str(resolve_brain_model(args.brain_model or BRAIN_MODEL))
 
 
-def scoring_dir(work_dir: Path, architecture: str, config: str) -> Path:
-    """Where the test set is scored: beside the architecture's models, so that an nnU-Net and an AGU-Net
-    model of the same configuration trained in one WORK_DIR do not overwrite each other's scores."""
-    return (work_dir / "agunet" if architecture == "agunet" else work_dir) / "test_derivatives" / config
+def scoring_root(work_dir: Path, architecture: str) -> Path:
+    """Where the test set is scored (test_derivatives/<CONFIG>, test_work): beside the architecture's models,
+    so that an nnU-Net and an AGU-Net model of the same configuration trained in one WORK_DIR do not overwrite
+    each other's scores."""
+    return work_dir / "agunet" if architecture == "agunet" else work_dir
 
 
 def score_test_set(args, config: str, model_dir: Path, plan) -> int:
     """Participant level (new model) and group level (metrics) on the held-out participants."""
     from bids_postop.cli.run import main as run_main
 
-    out = scoring_dir(args.work_dir, args.architecture, config)
+    root = scoring_root(args.work_dir, args.architecture)
+    out = root / "test_derivatives" / config
     common = ["--skip-bids-validation"] if args.skip_bids_validation else []
     derivs = [f"{n}={p}" for n, p in args.derivatives]
     argv = [str(args.bids_dir), str(out), "participant", "--participant-label", *plan.test, "--model",
-            str(model_dir), "--config", config, "-w", str(out.parent.parent / "test_work"), "--device", args.device,
+            str(model_dir), "--config", config, "-w", str(root / "test_work"), "--device", args.device,
             "--postop-session", args.postop_session, "--preop-session", args.preop_session,
             "--nprocs", str(args.nprocs), "--brain-method", args.brain_method,
             *(["--brain-model", args.brain_model] if args.brain_method == "raidionics" and args.brain_model else []),

@@ -82,9 +82,19 @@ def cpu_computes_bf16() -> bool:
         return False
 
 
-class OnnxNetwork:
-    """Callable with the torch network's signature for nnU-Net's predictor: (1, C, *patch) tensor in,
-    logits tensor out. ``to``/``eval`` are accepted (the predictor calls them) and do nothing."""
+class EngineNetwork:
+    """What stands in for the torch network in nnU-Net's predictor: called with a (1, C, *patch) tensor, it
+    returns the logits tensor. ``to``/``eval`` are accepted (the predictor calls them) and do nothing."""
+
+    def to(self, *_: Any, **__: Any) -> EngineNetwork:
+        return self
+
+    def eval(self) -> EngineNetwork:
+        return self
+
+
+class OnnxNetwork(EngineNetwork):
+    """The network's calls answered by an onnxruntime session."""
 
     def __init__(self, session: Any):
         self.session = session
@@ -95,12 +105,6 @@ class OnnxNetwork:
 
         array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)  # flips give negative strides
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
-
-    def to(self, *_: Any, **__: Any) -> OnnxNetwork:
-        return self
-
-    def eval(self) -> OnnxNetwork:
-        return self
 
 
 def export_network(network: Any, parameters: dict, n_channels: int, patch_size: list[int]) -> bytes:
@@ -149,11 +153,11 @@ def cxx_compiler() -> str | None:
     return None
 
 
-class FrozenCompiledNetwork:
+class FrozenCompiledNetwork(EngineNetwork):
     """A ``torch.compile``d network called with inductor's ``freezing`` on. Freezing is read while compiling,
     which happens at the first call (and at a recompile, e.g. when bf16 autocast is switched on), so every call
     runs under the setting; ``torch.compile(options={"freezing": True})`` does not reach that step (measured:
-    eager speed). ``to``/``eval`` are accepted (the predictor calls them) and do nothing."""
+    eager speed)."""
 
     def __init__(self, compiled: Any):
         self.compiled = compiled
@@ -163,12 +167,6 @@ class FrozenCompiledNetwork:
 
         with inductor_config.patch(freezing=True):
             return self.compiled(x)
-
-    def to(self, *_: Any, **__: Any) -> FrozenCompiledNetwork:
-        return self
-
-    def eval(self) -> FrozenCompiledNetwork:
-        return self
 
 
 def compiled_network(predictor: Any, index: int, network: Any) -> Any:

@@ -241,17 +241,18 @@ def train_configuration(config: str, args, cases, plan, command: str, *, options
     thr["validation_participants"] = [c.participant_id for c in val_cases]
     LOG.info("[%s] threshold %.2f (%s)", config, thr["threshold"], thr["how"])
     write_preprocessing_ini(model_dir, spec, threshold=thr["threshold"])
+    training_set = bids_dataset_name(args.bids_dir)
     write_model_card(model_dir, configuration=config, threshold=thr["threshold"], name=f"{name}-{config}",
                      description=f"AGU-Net (full volume, {'×'.join(map(str, spec.shape))}, filters "
                                  f"{'/'.join(map(str, spec.filters))}) for residual glioblastoma on early "
                                  f"post-operative MRI, input configuration {config}, {len(folds)} fold network(s) "
                                  f"averaged; trained with bids_postop-train {__version__}"
-                                 f"{trained_on(bids_dataset_name(args.bids_dir))}.",
+                                 f"{trained_on(training_set)}.",
                      extra={"agunet": {"network": spec.to_json(), "folds": folds},
                             "threshold_selection": thr,
                             "training": {
                                 "command": command, "date": _dt.date.today().isoformat(),
-                                "bids_dir": str(args.bids_dir), "dataset_name": bids_dataset_name(args.bids_dir),
+                                "bids_dir": str(args.bids_dir), "dataset_name": training_set,
                                 "data_hash": data_hash, "n_cases": len(usable),
                                 "jobs": jobs_key,
                                 "folds": [{"fold": k, "sites": sorted(s for s, f in plan.site_folds.items() if f == k),
