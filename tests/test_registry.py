@@ -56,6 +56,7 @@ class Server:
         self.files: dict[str, bytes] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.cut_once: set[str] = set()
+        self.slow: set[str] = set()  # paths served in 20 pieces, 50 ms apart (overlapping downloads)
         self.honour_range = True
         outer = self
 
@@ -92,6 +93,15 @@ class Server:
                     self.wfile.flush()
                     self.close_connection = True
                     return
+                if self.path in outer.slow:
+                    import time
+
+                    step = max(1, len(body) // 20)
+                    for i in range(0, len(body), step):
+                        self.wfile.write(body[i:i + step])
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                    return
                 self.wfile.write(body)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -123,7 +133,10 @@ def publish(server: Server, rows: list[tuple[str, str, bytes, str | None, str]])
 
 
 def files_under(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*")] if folder.exists() else []
+    """Every file left under ``folder`` except the download lock files, which are kept on purpose."""
+    if not folder.exists():
+        return []
+    return [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,7 +153,9 @@ def test_fetch_verifies_extracts_and_installs_dependencies(server, tmp_path, cap
     assert registry.resolve_installed("MRI_Brain", home=home) == home / "MRI_Brain"
     record = json.loads((folder / registry.INSTALL_RECORD).read_text())
     assert record["md5"] == md5(post) and record["md5_verified"] is True
-    assert sorted(p.name for p in home.iterdir()) == ["MRI_Brain", "MRI_GBM_Postop_FV_2p"]  # no .part, zip, staging
+    assert sorted(p.name for p in home.iterdir()) == [".downloads", "MRI_Brain", "MRI_GBM_Postop_FV_2p"]
+    # no .part, zip or staging: only the lock files stay (deleting them would let two processes hold a lock)
+    assert all(p.name.endswith(".lock") for p in (home / ".downloads").iterdir())
     assert card_for_raidionics_folder(folder).configuration == "B"
     progress = capsys.readouterr().err  # bytes, percentage, rate and ETA on stderr
     assert "kB" in progress and "100 %" in progress and "/s" in progress and "ETA" in progress
@@ -226,7 +241,8 @@ def test_resume_from_a_partial_download(server, tmp_path):
     folder = registry.fetch("MRI_Brain", catalogue=catalogue, home=home, progress=False)
     assert ("/download/brain.zip", "bytes=70000-") in server.requests
     assert json.loads((folder / registry.INSTALL_RECORD).read_text())["md5_verified"]
-    assert not (home / registry.DOWNLOADS).exists()
+    # the finished archive is gone; only the lock file stays (deleting it would let two processes hold the lock)
+    assert [p.name for p in (home / registry.DOWNLOADS).iterdir()] == ["brain.zip.lock"]
 
 
 def test_interrupted_download_is_resumed_on_the_next_run(server, tmp_path):
@@ -351,3 +367,66 @@ def test_cli(server, tmp_path, capsys):
     assert "not in the catalogue" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         models_main(["--home", home])
+
+
+# ------------------------------------------------------------------------------------------------
+# concurrency: the download lock
+
+
+_FETCH_SCRIPT = """
+import sys
+from bids_postop.models import registry
+registry.fetch("MRI_Brain", catalogue=sys.argv[1], home=sys.argv[2], progress=False)
+"""
+
+
+def test_processes_fetching_the_same_model_at_once_download_it_once(server, tmp_path):
+    import subprocess
+    import sys
+
+    data = model_zip("MRI_Brain", payload=400_000)
+    catalogue = publish(server, [("MRI_Brain", "brain.zip", data, md5(data), "")])
+    server.slow.add("/download/brain.zip")  # ~1 s per download: the processes overlap
+    home = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, "-c", _FETCH_SCRIPT, catalogue, str(home)], stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], errors
+    downloads = [r for r in server.requests if r[0] == "/download/brain.zip"]
+    assert len(downloads) == 1, downloads
+    assert registry.installed_models(home) == {"MRI_Brain": home / "MRI_Brain"}
+    assert not [p for p in home.iterdir() if p.name.startswith((".staging-", ".old-"))]
+
+
+_LOCK_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from bids_postop.models.registry import _lock
+
+lock, inside, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+for _ in range(n):
+    with _lock(lock):
+        try:
+            fd = os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fails if another holder is inside
+        except FileExistsError:
+            print("OVERLAP", flush=True)
+            continue
+        time.sleep(0.001)
+        os.close(fd)
+        os.unlink(inside)
+"""
+
+
+def test_the_download_lock_admits_one_holder_at_a_time(tmp_path):
+    """Processes taking the lock in a tight loop are never inside together (deleting the lock file on release,
+    as the lock once did, lets two hold it: an opened old file and a newly created one)."""
+    import subprocess
+    import sys
+
+    lock, inside = tmp_path / "downloads" / "x.zip.lock", tmp_path / "inside"
+    procs = [subprocess.Popen([sys.executable, "-c", _LOCK_SCRIPT, str(lock), str(inside), "300"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, [err for _, err in outputs]
+    assert sum(out.count("OVERLAP") for out, _ in outputs) == 0
+    assert lock.exists()

@@ -228,25 +228,24 @@ def _install_tree(home: Path, fill: Any, record: dict[str, Any], *, force: bool,
 
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
-    """An exclusive lock file, so that two processes do not write the same download."""
+    """An exclusive lock, so that two processes do not write the same download.
+
+    The lock file is kept, never deleted: with flock, deleting it on release lets a process that opened the old
+    file keep "holding" a lock on an unlinked inode while a third creates a new file and locks that — two
+    holders at once. An empty ``*.lock`` file left in ``.downloads/`` is harmless.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
+    with path.open("a") as handle:
         try:
             import fcntl
-
-            fcntl.flock(handle, fcntl.LOCK_EX)
         except ImportError:  # no fcntl (Windows): no lock
-            pass
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)
-
-
-def _clean_downloads(home: Path) -> None:
-    downloads = home / DOWNLOADS
-    if downloads.is_dir() and not any(downloads.iterdir()):
-        downloads.rmdir()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _offline_message(entry: CatalogueEntry, home: Path, exc: DownloadError) -> str:
@@ -315,23 +314,20 @@ def fetch(name: str, *, catalogue: str | Path | None = None, home: str | Path | 
 def _fetch_one(entry: CatalogueEntry, root: Path, *, force: bool, progress: bool | IO[str], timeout: float,
                source: str) -> Path:
     archive = root / DOWNLOADS / entry.archive_name
-    try:
-        with _lock(archive.with_name(archive.name + ".lock")):
-            if is_model_folder(root / entry.name) and not force:  # installed by another process meanwhile
-                return root / entry.name
-            try:
-                download(entry.url, archive, md5=entry.md5, progress=progress, timeout=timeout)
-            except DownloadError as exc:
-                raise DownloadError(_offline_message(entry, root, exc)) from exc
-            try:
-                record = {"source": entry.url, "md5": file_md5(archive), "md5_verified": entry.md5 is not None,
-                          "catalogue": source}
-                return _install_tree(root, lambda staging: safe_extract(archive, staging), record, force=force,
-                                     name=entry.name)
-            finally:
-                archive.unlink(missing_ok=True)
-    finally:
-        _clean_downloads(root)
+    with _lock(archive.with_name(archive.name + ".lock")):
+        if is_model_folder(root / entry.name) and not force:  # installed by another process meanwhile
+            return root / entry.name
+        try:
+            download(entry.url, archive, md5=entry.md5, progress=progress, timeout=timeout)
+        except DownloadError as exc:
+            raise DownloadError(_offline_message(entry, root, exc)) from exc
+        try:
+            record = {"source": entry.url, "md5": file_md5(archive), "md5_verified": entry.md5 is not None,
+                      "catalogue": source}
+            return _install_tree(root, lambda staging: safe_extract(archive, staging), record, force=force,
+                                 name=entry.name)
+        finally:
+            archive.unlink(missing_ok=True)
 
 
 def name_from_archive(path: Path) -> str:
