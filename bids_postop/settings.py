@@ -37,7 +37,7 @@ class RunSettings:
     omp_nthreads: int = 1
     mem_gb: float | None = None
     device: Device = "auto"
-    model: str = "demo"
+    model: str | None = None  # required for the participant level (no silent demo model on real data)
     config: str = "auto"
     brain_method: str = "deepbet"  # deepbet | hdbet | raidionics
     brain_model: str | None = None  # raidionics: installed model name or folder (None: MRI_Brain)
@@ -60,6 +60,7 @@ class RunSettings:
     n_bootstrap: int = 2000
     seed: int = 0
     verbosity: int = 0
+    notrack: bool = False  # accepted for fMRIPrep compatibility: runs never use the network anyway
     command_line: str = ""
 
     def to_json(self) -> str:

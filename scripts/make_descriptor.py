@@ -17,15 +17,39 @@ TEMPLATE_KEYS = {"bids_dir": "[BIDS_DIR]", "output_dir_name": "[OUTPUT_DIR]", "a
                  "participant_label": "[PARTICIPANT_LABEL]", "postop_session": "[SESSION_LABEL]"}
 
 
+def _default(action: argparse.Action):
+    """The parser's default where Boutiques can state it (not None, not an empty list, not a flag's False)."""
+    value = action.default
+    if value is None or value is argparse.SUPPRESS or isinstance(value, bool) or value == []:
+        return None
+    if isinstance(value, int | float | str):
+        return value
+    return None
+
+
+def error_codes() -> list[dict]:
+    """The documented exit codes, from bids_postop.errors and the parser's epilog."""
+    from bids_postop.cli.parser import EPILOG
+
+    codes = []
+    for line in EPILOG.split("exit codes:", 1)[1].split("example:", 1)[0].splitlines():
+        number, _, text = line.strip().partition(" ")
+        if number.isdigit() and int(number) != 0:
+            codes.append({"code": int(number), "description": text.strip()})
+    return codes
+
+
 def descriptor() -> dict:
     parser = build_parser()
     inputs, template = [], []
+    shared = {a.dest for a in parser._actions if sum(b.dest == a.dest for b in parser._actions) > 1}
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction | argparse._VersionAction):
             continue
         # ids as in the Boutiques BIDS-app template ("output_dir" is the output-file's id)
         ident = "output_dir_name" if action.dest == "output_dir" else action.dest
-        if isinstance(action, argparse._StoreFalseAction):  # a Flag is true when present: name it by its flag
+        if isinstance(action, argparse._StoreFalseAction) or action.dest in shared:
+            # a Flag is true when present, and two options may share a dest (--mem-mb, --mem-gb): name it by its flag
             ident = max(action.option_strings, key=len).lstrip("-").replace("-", "_")
         value_key = TEMPLATE_KEYS.get(ident, f"[{ident.upper()}]")
         if value_key not in TEMPLATE_KEYS.values():
@@ -35,10 +59,12 @@ def descriptor() -> dict:
         if action.option_strings:
             flag = max(action.option_strings, key=len)
             entry["command-line-flag"] = flag
-        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction | argparse._CountAction):
+        if isinstance(action, argparse._CountAction):  # -v / -vv: the value is the flag itself
+            entry.pop("command-line-flag", None)
+            entry["type"] = "String"
+            entry["value-choices"] = ["-v", "-vv"]
+        elif isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
             entry["type"] = "Flag"
-            if isinstance(action, argparse._CountAction):
-                entry["command-line-flag"] = "-v"
         else:
             entry["type"] = "File" if ident in ("bids_dir", "bids_filter_file") else "String"
             if action.type in (int,) or getattr(action.type, "__name__", "") == "positive_int":
@@ -50,6 +76,9 @@ def descriptor() -> dict:
                 entry["value-choices"] = list(action.choices)
             if action.nargs in ("+", "*"):
                 entry["list"] = True
+            default = _default(action)
+            if default is not None and entry.get("type") != "Flag":
+                entry["default-value"] = default
         inputs.append(entry)
     # the template's second view of the output folder, as a File, for group-level runs
     inputs.append({"id": "participant_level_analysis_dir", "name": "participant-level results",
@@ -66,8 +95,10 @@ def descriptor() -> dict:
         "inputs": inputs,
         "output-files": [{"id": "output_dir", "name": "Output directory", "path-template": "[OUTPUT_DIR]",
                           "optional": False}],
+        "error-codes": error_codes(),
         "groups": [{"id": "resources", "name": "Resources", "description": "processes, threads, memory, device",
-                    "members": [i["id"] for i in inputs if i["id"] in ("nprocs", "omp_nthreads", "mem_gb", "device")]}],
+                    "members": [i["id"] for i in inputs
+                                if i["id"] in ("nprocs", "omp_nthreads", "mem_mb", "mem_gb", "device")]}],
         "tags": {"domain": ["neuroinformatics", "mri", "neuro-oncology"], "BIDS-App": True},
     }
 

@@ -131,7 +131,8 @@ def test_symlinked_inputs_are_followed(tmp_path):
 def test_non_bids_directory_and_unknown_participant(tmp_path):
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "scan.nii.gz").write_bytes(gzip.compress(b"x"))
-    assert main([str(tmp_path / "plain"), str(tmp_path / "out"), "participant", "--skip-bids-validation"]) == 66
+    assert main([str(tmp_path / "plain"), str(tmp_path / "out"), "participant", "--skip-bids-validation",
+                 "--model", "demo", "-w", str(tmp_path / "work")]) == 66
     root = dataset(tmp_path)
     assert run(root, "--participant-label", "99") == 66
     assert "sub-99" in log_text(root)
@@ -153,5 +154,6 @@ def test_unknown_model_is_a_usage_error(tmp_path):
 def test_unwritable_output_dir_exits_73_even_as_root(tmp_path, capsys):
     # /proc refuses new folders to every user, root included (CI runs as root: mode bits would not do)
     root = dataset(tmp_path)
-    assert main([str(root), "/proc/bids_postop_out", "participant", "--skip-bids-validation"]) == 73
+    assert main([str(root), "/proc/bids_postop_out", "participant", "--skip-bids-validation", "--model", "demo",
+                 "-w", str(tmp_path / "work")]) == 73
     assert "cannot write to the output directory" in capsys.readouterr().err

@@ -48,8 +48,13 @@ def test_descriptor_is_up_to_date_with_the_parser():
     flags = {i.get("command-line-flag") for i in committed["inputs"]} - {None}
     options = {max(a.option_strings, key=len) for a in build_parser()._actions
                if a.option_strings and a.dest not in ("help", "version")}
-    options = {"-v" if o == "--verbose" else o for o in options}
-    assert flags == options
+    assert flags == options - {"--verbose"}  # -v/-vv is a value choice, not a flag
+    verbosity = next(i for i in committed["inputs"] if i["id"] == "verbosity")
+    assert verbosity["value-choices"] == ["-v", "-vv"]
+    codes = {c["code"] for c in committed["error-codes"]}
+    assert codes == {1, 64, 66, 73}
+    defaults = {i["id"]: i.get("default-value") for i in committed["inputs"]}
+    assert defaults["postop_session"] == "postop" and defaults["config"] == "auto" and defaults["model"] is None
 
 
 def test_bosh_validates_and_simulated_command_parses(tmp_path):
@@ -60,7 +65,7 @@ def test_bosh_validates_and_simulated_command_parses(tmp_path):
     invocation.write_text(json.dumps({
         "bids_dir": "/data", "output_dir_name": "/out", "analysis_level": "participant",
         "participant_label": ["01", "02"], "postop_session": "early", "derivatives": ["preop=/masks"],
-        "no_tta": True, "nprocs": 2, "config": "B", "mem_gb": "8G", "verbosity": True}))
+        "no_tta": True, "nprocs": 2, "config": "B", "mem_gb": "8", "verbosity": "-vv", "model": "demo"}))
     proc = subprocess.run([bosh, "exec", "simulate", str(REPO / "descriptor.json"), "-i", str(invocation)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -69,3 +74,4 @@ def test_bosh_validates_and_simulated_command_parses(tmp_path):
     args = build_parser().parse_args(shlex.split(command.split(";", 1)[1])[1:])
     assert args.participant_label == ["01", "02"] and args.postop_session == "early"
     assert args.use_mirroring is False and args.nprocs == 2 and args.config == "B" and args.mem_gb == 8.0
+    assert args.verbosity == 2 and args.model == "demo"

@@ -6,36 +6,47 @@ from pathlib import Path
 import pytest
 
 from bids_postop.bids.derivatives import (
+    SUMMARY_COLUMNS,
     SessionOutputs,
     atomic_write_text,
-    check_output_dir,
     source_prefix,
     summary_row,
     write_dataset_description,
 )
+from bids_postop.cli.paths import check_output_dir, prepare_output_dir
 from bids_postop.errors import OutputError
 
 
-def test_names_follow_the_source_contrast_t1w(tmp_path):
+def test_names_follow_the_source_contrast_t1w_and_carry_the_model(tmp_path):
     src = Path("/x/sub-01/ses-postop/anat/sub-01_ses-postop_ce-gadolinium_run-2_T1w.nii.gz")
     assert source_prefix(src) == "sub-01_ses-postop_ce-gadolinium_run-2"
-    out = SessionOutputs.for_source(tmp_path, src, "01", "postop")
+    out = SessionOutputs.for_source(tmp_path, src, "01", "postop", model_label="demoB")
     assert out.residual_mask == tmp_path / "sub-01/ses-postop/anat/" \
-        "sub-01_ses-postop_ce-gadolinium_run-2_label-tumor_desc-residual_mask.nii.gz"
-    assert out.residual_probseg.name.endswith("_label-tumor_desc-residual_probseg.nii.gz")
-    assert out.brain_mask.name == "sub-01_ses-postop_ce-gadolinium_run-2_label-brain_mask.nii.gz"
-    assert out.measures_tsv == tmp_path / "sub-01/ses-postop/sub-01_ses-postop_desc-residual_measures.tsv"
-    nosession = SessionOutputs.for_source(tmp_path, Path("sub-01_ce-gd_T1w.nii"), "01", None)
+        "sub-01_ses-postop_ce-gadolinium_run-2_label-tumor_desc-demoB_mask.nii.gz"
+    assert out.residual_probseg.name.endswith("_label-tumor_desc-demoB_probseg.nii.gz")
+    assert out.brain_mask.name == "sub-01_ses-postop_ce-gadolinium_run-2_desc-brain_mask.nii.gz"
+    assert out.measures_tsv == tmp_path / "sub-01/ses-postop/sub-01_ses-postop_desc-demoB_measures.tsv"
+    other = SessionOutputs.for_source(tmp_path, src, "01", "postop", model_label="MRIGBMPostopFV2p")
+    assert not set(out.all_files()) & set(other.all_files()) - {out.brain_mask, sidecar_of(out.brain_mask)}
+    nosession = SessionOutputs.for_source(tmp_path, Path("sub-01_ce-gd_T1w.nii"), "01", None, model_label="m")
     assert nosession.residual_mask.parent == tmp_path / "sub-01" / "anat"
+    with pytest.raises(ValueError, match="alphanumeric"):
+        SessionOutputs.for_source(tmp_path, src, "01", "postop", model_label="demo-B")
 
 
-def test_summary_row_has_empty_cells_for_unknowns():
+def sidecar_of(image: Path) -> Path:
+    return image.with_name(image.name.replace(".nii.gz", ".json"))
+
+
+def test_summary_row_writes_n_a_for_unknowns_and_booleans_in_lower_case():
     text = summary_row({"participant_id": "sub-01", "residual_volume_ml": 0.25, "resection_status": "RT",
-                        "preop_volume_ml": None, "eor_percent": None})
+                        "preop_volume_ml": None, "eor_percent": None, "threshold": 0.5, "gtr_cutoff_ml": 0.175,
+                        "gtr_inclusive": False, "not_for_clinical_use": True})
     header, row = text.strip("\n").split("\n")
-    assert header.split("\t") == ["participant_id", "session_id", "site", "config", "model",
-                                  "residual_volume_ml", "resection_status", "preop_volume_ml", "eor_percent"]
-    assert row.split("\t") == ["sub-01", "", "", "", "", "0.2500", "RT", "", ""]
+    assert tuple(header.split("\t")) == SUMMARY_COLUMNS
+    assert header.split("\t")[-4:] == ["threshold", "gtr_cutoff_ml", "gtr_inclusive", "not_for_clinical_use"]
+    assert row.split("\t") == ["sub-01", "n/a", "n/a", "n/a", "n/a", "0.2500", "RT", "n/a", "n/a", "0.5000",
+                                "0.1750", "false", "true"]
 
 
 def test_dataset_description_is_written_once_and_bidsignore_merged(tmp_path):
@@ -69,10 +80,19 @@ def test_output_dir_checks(tmp_path):
         check_output_dir(bids / "results", bids)
     with pytest.raises(OutputError, match="contains the BIDS dataset"):
         check_output_dir(tmp_path, bids)
-    assert check_output_dir(bids / "derivatives" / "bids_postop", bids).is_dir()
-    if os.geteuid() != 0:  # root writes anywhere
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.10.0"}))
+    with pytest.raises(OutputError, match="swapped"):
+        check_output_dir(raw, bids)
+    out = bids / "derivatives" / "bids_postop"
+    assert check_output_dir(out, bids) == out and not out.exists()  # checks write nothing
+    assert prepare_output_dir(out).is_dir()
+    with pytest.raises(OutputError, match="cannot write"):
+        prepare_output_dir(Path("/proc/bids_postop_out"))  # not writable, even by root
+    if os.geteuid() != 0:  # root writes anywhere else
         locked = tmp_path / "locked"
         locked.mkdir()
         locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
         with pytest.raises(OutputError, match="cannot write"):
-            check_output_dir(locked / "out", bids)
+            prepare_output_dir(locked / "out")

@@ -72,15 +72,17 @@ def test_workflow_passes_the_preset_to_the_segment_node(tmp_path):
     from bids_postop.bids.inputs import ParticipantInputs
     from bids_postop.workflows.base import init_participant_wf
 
-    [card] = [c for c in resolve_models("demo") if c.configuration == "B"]
+    from bids_postop.segmentation.models import resolve
+
+    [model] = [m for m in resolve("demo") if m.card.configuration == "B"]
     files = {role: tmp_path / f"{role}.nii.gz" for role in ("postop_t1ce", "postop_t1")}
     inputs = ParticipantInputs(subject="01", postop_session="postop", preop_session=None, site=None, files=files)
     for fast in (True, False):
-        wf = init_participant_wf(inputs=inputs, card=card, output_dir=tmp_path / "out", bids_dir=tmp_path,
+        wf = init_participant_wf(inputs=inputs, model=model, output_dir=tmp_path / "out", bids_dir=tmp_path,
                                  use_mirroring=not fast, fast=fast)
         segment = wf.get_node("segment")
         assert (segment.inputs.first_fold_only, segment.inputs.use_mirroring) == (fast, not fast)
-    wf = init_participant_wf(inputs=inputs, card=card, output_dir=tmp_path / "out", bids_dir=tmp_path,
+    wf = init_participant_wf(inputs=inputs, model=model, output_dir=tmp_path / "out", bids_dir=tmp_path,
                              precision="bf16", nnunet_engine="torch")
     segment = wf.get_node("segment")
     assert (segment.inputs.precision, segment.inputs.nnunet_engine) == ("bf16", "torch")

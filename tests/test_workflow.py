@@ -8,7 +8,7 @@ from conftest import make_bids
 from bids_postop.bids.inputs import discover
 from bids_postop.configurations import CONFIGURATIONS
 from bids_postop.errors import ModelError
-from bids_postop.segmentation.models import read_card, resolve_models
+from bids_postop.segmentation.models import read_card, resolve, resolve_models
 from bids_postop.workflows.base import init_participant_wf
 
 FULL = {
@@ -38,8 +38,9 @@ def model_card(folder, config, threshold=0.4):
 def test_graph_per_configuration(tmp_path, config, expected, absent):
     root = make_bids(tmp_path / "bids", {"01": FULL}, preop_masks={"01": "preop"})
     [inputs] = discover(root, derivatives={"preop": root / "derivatives" / "preop"}, validate=False)
-    card = model_card(tmp_path / "model", config)
-    wf = init_participant_wf(inputs=inputs, card=card, output_dir=tmp_path / "out", bids_dir=root)
+    model_card(tmp_path / "model", config)
+    [model] = resolve(tmp_path / "model")
+    wf = init_participant_wf(inputs=inputs, model=model, output_dir=tmp_path / "out", bids_dir=root, omp_nthreads=3)
     names = {n.rsplit(".", 1)[-1] for n in wf.list_node_names()}
     assert expected <= names and not (absent & names)
     graph = wf._create_flat_graph()
@@ -47,6 +48,11 @@ def test_graph_per_configuration(tmp_path, config, expected, absent):
     # the pre-op mask always reaches post-processing (pre-op volume, EOR), whatever the configuration
     assert any(v.name == "postprocess" for v in graph.successors(by_name["inputnode"]))
     assert by_name["postprocess"].inputs.threshold == 0.4
+    # the model's content digest is part of the segmentation node's hash; threaded nodes declare their threads
+    assert by_name["segment"].inputs.model_digest == model.digest and len(model.digest) == 64
+    threaded = {n: node.n_procs for n, node in by_name.items()
+                if n.rsplit(".", 1)[-1] in ("segment", "brain_extraction") or ".register_" in n}
+    assert threaded and set(threaded.values()) == {3}, threaded
     if config == "E":
         kinds = {n: by_name[f"channels_wf.{n}"].inputs.kind for n in ("register_postop_t1", "register_postop_flair",
                                                                       "register_preop_t1ce")}

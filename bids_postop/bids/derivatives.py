@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from bids_postop import __version__
-from bids_postop.errors import OutputError
 
 BIDS_VERSION = "1.10.0"
 PIPELINE_NAME = "bids_postop"
 RAW_LINK = "raw"
 SUMMARY_COLUMNS = ("participant_id", "session_id", "site", "config", "model", "residual_volume_ml",
-                   "resection_status", "preop_volume_ml", "eor_percent")
+                   "resection_status", "preop_volume_ml", "eor_percent", "threshold", "gtr_cutoff_ml",
+                   "gtr_inclusive", "not_for_clinical_use")
+MISSING = "n/a"  # BIDS: a missing TSV value is n/a, never an empty cell
 # What BIDS does not define, kept out of validation the way fMRIPrep does for its reports and logs.
 # Directory patterns without a trailing slash: the BIDS validator (3.x) does not match "dir/" at any depth.
 BIDSIGNORE = ("*_measures.tsv", "*_measures.json", "logs", "*.html", "figures", "sub-*/figures", "*.toml", "group",
@@ -47,7 +48,13 @@ def source_prefix(source: str | Path) -> str:
 
 @dataclass(frozen=True)
 class SessionOutputs:
-    """Final paths of one post-op session's derivatives, named from its contrast T1w."""
+    """Final paths of one post-op session's derivatives for one model, named from its contrast T1w.
+
+    The model's label (:attr:`bids_postop.segmentation.models.ModelCard.label`) is the ``desc-`` value of the
+    residual mask, probability map and measures files, so that two models written into one output dataset keep
+    both results (``sub-01_ses-postop_ce-gd_label-tumor_desc-demoB_mask.nii.gz``). The brain mask does not depend
+    on the model: ``<source>_desc-brain_mask.nii.gz``, as nipreps name theirs.
+    """
 
     anat_dir: Path
     residual_mask: Path
@@ -57,23 +64,34 @@ class SessionOutputs:
     measures_json: Path
 
     @classmethod
-    def for_source(cls, output_dir: Path, source_t1ce: Path, subject: str, session: str | None) -> SessionOutputs:
+    def for_source(cls, output_dir: Path, source_t1ce: Path, subject: str, session: str | None, *,
+                   model_label: str) -> SessionOutputs:
+        if not model_label.isalnum():
+            raise ValueError(f"model label {model_label!r} must be alphanumeric (a BIDS desc value)")
         session_dir = output_dir / f"sub-{subject}" / (f"ses-{session}" if session else "")
         anat = session_dir / "anat"
         prefix = source_prefix(source_t1ce)
         session_prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
         return cls(
             anat_dir=anat,
-            residual_mask=anat / f"{prefix}_label-tumor_desc-residual_mask.nii.gz",
-            residual_probseg=anat / f"{prefix}_label-tumor_desc-residual_probseg.nii.gz",
-            brain_mask=anat / f"{prefix}_label-brain_mask.nii.gz",
-            measures_tsv=session_dir / f"{session_prefix}_desc-residual_measures.tsv",
-            measures_json=session_dir / f"{session_prefix}_desc-residual_measures.json",
+            residual_mask=anat / f"{prefix}_label-tumor_desc-{model_label}_mask.nii.gz",
+            residual_probseg=anat / f"{prefix}_label-tumor_desc-{model_label}_probseg.nii.gz",
+            brain_mask=anat / f"{prefix}_desc-brain_mask.nii.gz",
+            measures_tsv=session_dir / f"{session_prefix}_desc-{model_label}_measures.tsv",
+            measures_json=session_dir / f"{session_prefix}_desc-{model_label}_measures.json",
         )
 
     def all_files(self) -> tuple[Path, ...]:
         images = (self.residual_mask, self.residual_probseg, self.brain_mask)
         return (*images, *(sidecar(p) for p in images), self.measures_tsv, self.measures_json)
+
+    def relative(self, output_dir: Path) -> dict[str, str]:
+        """The image paths relative to the output dataset's root (recorded in the measures JSON: the group level
+        pairs each measures file with exactly the masks it describes)."""
+        root = Path(output_dir)
+        return {"residual_mask": self.residual_mask.relative_to(root).as_posix(),
+                "residual_probseg": self.residual_probseg.relative_to(root).as_posix(),
+                "brain_mask": self.brain_mask.relative_to(root).as_posix()}
 
 
 def sidecar(image: Path) -> Path:
@@ -150,29 +168,6 @@ def output_lock(output_dir: Path) -> Iterator[None]:
 
 # --- dataset level --------------------------------------------------------------------------------
 
-def check_output_dir(output_dir: Path, bids_dir: Path) -> Path:
-    """Refuse output directories that would damage or pollute the input dataset; check writability."""
-    out = output_dir.resolve()
-    bids = bids_dir.resolve()
-    if out == bids:
-        raise OutputError(f"{out}: the output directory is the BIDS dataset itself; use "
-                          f"{bids / 'derivatives' / PIPELINE_NAME} instead")
-    if bids in out.parents and (bids / "derivatives") not in (out, *out.parents):
-        raise OutputError(f"{out}: the output directory lies inside the BIDS dataset outside derivatives/; "
-                          f"use {bids / 'derivatives' / PIPELINE_NAME}")
-    if out in bids.parents:
-        raise OutputError(f"{out}: the output directory contains the BIDS dataset; choose a separate folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{unique_token()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot write to the output directory ({exc.strerror}); for containers, "
-                          f"bind it writable (docker -v {out}:/out, singularity -B {out}:/out)") from exc
-    return out
-
-
 def write_dataset_description(output_dir: Path, bids_dir: Path) -> Path:
     """Write dataset_description.json (and .bidsignore) once; later runs keep the first one."""
     dest = output_dir / "dataset_description.json"
@@ -198,14 +193,16 @@ def write_dataset_description(output_dir: Path, bids_dir: Path) -> Path:
 # --- participant level ----------------------------------------------------------------------------
 
 def summary_row(values: Mapping[str, Any]) -> str:
-    """One TSV (header + row) with SUMMARY_COLUMNS; unknown values are empty cells."""
+    """One TSV (header + row) with SUMMARY_COLUMNS; unknown values are ``n/a``, booleans ``true``/``false``."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
     writer.writerow(SUMMARY_COLUMNS)
 
     def cell(value: Any) -> str:
-        if value is None:
-            return ""
+        if value is None or value == "":
+            return MISSING
+        if isinstance(value, bool):
+            return "true" if value else "false"
         if isinstance(value, float):
             return f"{value:.4f}"
         return str(value)
@@ -233,12 +230,16 @@ def write_session_outputs(
     """Copy one session's results into place with sidecars and the measures TSV/JSON.
 
     ``sources`` maps role → input file used (for the Sources fields); ``measures`` is
-    :meth:`ResidualMeasures.as_dict`.
+    :meth:`ResidualMeasures.as_dict`; ``model`` is the resolved model's provenance (name, architecture, digest,
+    ``derivatives_desc``: the ``desc-`` value of this model's files).
     """
-    outputs = SessionOutputs.for_source(output_dir, sources["postop_t1ce"], subject, session)
+    label = str(model.get("derivatives_desc") or "".join(ch for ch in str(model.get("name", "")) if ch.isalnum())
+                or "model")
+    outputs = SessionOutputs.for_source(output_dir, sources["postop_t1ce"], subject, session, model_label=label)
     source_uris = [bids_uri(p, bids_dir) for p in sources.values()]
     t1ce_uri = bids_uri(sources["postop_t1ce"], bids_dir)
     model_info = dict(model)
+    not_clinical = bool(model_info.get("not_for_clinical_use", False))
     common = {"SpatialReference": t1ce_uri}
     atomic_copy(brain_mask, outputs.brain_mask)
     brain_extraction = dict((extra_provenance or {}).get("brain_extraction") or {})
@@ -249,7 +250,7 @@ def write_session_outputs(
     atomic_copy(residual_probseg, outputs.residual_probseg)
     atomic_write_json(sidecar(outputs.residual_probseg), {
         **common, "Sources": source_uris, "Description": "Residual tumour probability (mean over model folds)",
-        "Model": model_info, "Configuration": configuration})
+        "Model": model_info, "Configuration": configuration, "NotForClinicalUse": not_clinical})
     atomic_copy(residual_mask, outputs.residual_mask)
     atomic_write_json(sidecar(outputs.residual_mask), {
         **common, "Type": "Lesion", "Sources": source_uris + [bids_uri(outputs.residual_probseg, output_dir,
@@ -258,27 +259,41 @@ def write_session_outputs(
                        f"{measures['min_component_voxels']} voxels removed",
         "Model": model_info, "Configuration": configuration, "Threshold": measures["threshold"],
         "ResidualVolume_ml": measures["residual_volume_ml"], "ResectionStatus": measures["resection_status"],
-        "PreopVolume_ml": measures["preop_volume_ml"], "ExtentOfResection_percent": measures["eor_percent"]})
+        "PreopVolume_ml": measures["preop_volume_ml"], "ExtentOfResection_percent": measures["eor_percent"],
+        "NotForClinicalUse": not_clinical})
+    inclusive = measures.get("gtr_inclusive", "<=" in str(measures.get("gtr_rule", "")))
     row = {"participant_id": f"sub-{subject}", "session_id": f"ses-{session}" if session else None,
-           "site": site, "config": configuration, "model": model.get("name"), **measures}
+           "site": site, "config": configuration, "model": model.get("name"), **measures,
+           "gtr_inclusive": bool(inclusive), "not_for_clinical_use": not_clinical}
     atomic_write_text(outputs.measures_tsv, summary_row(row))
     atomic_write_json(outputs.measures_json, {
         "participant_id": row["participant_id"], "session_id": row["session_id"], "site": site,
-        "configuration": configuration, "model": model_info, "measures": dict(measures),
+        "configuration": configuration, "model": model_info, "not_for_clinical_use": not_clinical,
+        "measures": dict(measures),
+        "outputs": outputs.relative(output_dir),
         "sources": {role: bids_uri(p, bids_dir) for role, p in sources.items()},
         "provenance": dict(extra_provenance or {}),
         "definitions": {
             "residual_volume_ml": "voxel count x product of voxel sizes (mm^3) / 1000, on the T1w-CE grid",
             "resection_status": measures["gtr_rule"] + ", else RT (residual tumour)",
             "preop_volume_ml": "pre-operative tumour mask volume in its own grid",
-            "eor_percent": "100 x (preop - residual) / preop; not clipped"}})
+            "eor_percent": "100 x (preop - residual) / preop; not clipped",
+            "outputs": "the files these measures describe, relative to the derivatives dataset's root",
+            "not_for_clinical_use": "the model card flags the model as not for clinical use (e.g. the demo "
+                                    "model): do not use these results for patient care"}})
     return outputs
 
 
+def measures_files(output_dir: Path) -> list[Path]:
+    """Every per-session measures TSV under ``output_dir`` (any model's ``desc-``)."""
+    return sorted(output_dir.glob("sub-*/**/*_measures.tsv"))
+
+
 def read_summaries(output_dir: Path) -> list[dict[str, str]]:
-    """All per-session measure rows under ``output_dir`` (for the final table and the group level)."""
+    """All per-session measure rows under ``output_dir`` (for the final table and the group level); values as
+    written (``n/a`` = missing)."""
     rows: list[dict[str, str]] = []
-    for tsv in sorted(output_dir.glob("sub-*/**/*_desc-residual_measures.tsv")):
+    for tsv in measures_files(output_dir):
         with tsv.open(newline="") as handle:
             rows.extend(csv.DictReader(handle, delimiter="\t"))
     return rows

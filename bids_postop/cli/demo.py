@@ -42,27 +42,55 @@ def dice(a, b) -> float | None:
 
 
 def compare_with_truth(root: Path, output_dir: Path) -> str:
-    """A small table: predicted vs simulated residual volume and Dice, per participant."""
+    """A small table: predicted vs simulated residual volume and Dice, per participant (the masks each measures
+    file names, so a stale mask of an earlier run is never compared)."""
+    import json
+
     import nibabel as nib
 
-    from bids_postop.bids.derivatives import read_summaries
     from bids_postop.core.images import voxel_sizes
     from bids_postop.core.postprocess import volume_ml
 
     lines = [f"{'participant':<12}{'true ml':>9}{'predicted ml':>14}{'true':>6}{'pred':>6}{'Dice':>7}"]
-    for row in read_summaries(output_dir):
-        sub = row["participant_id"]
+    for measures in sorted(output_dir.glob("sub-*/ses-*/*_measures.json")):
+        data = json.loads(measures.read_text())
+        sub = data["participant_id"]
         truth = next((root / "derivatives" / "manual" / sub).glob("ses-*/anat/*_label-tumor_mask.nii.gz"), None)
-        pred = next((output_dir / sub).glob("ses-*/anat/*_desc-residual_mask.nii.gz"), None)
-        if truth is None or pred is None:
+        pred = output_dir / data.get("outputs", {}).get("residual_mask", "missing")
+        if truth is None or not pred.is_file():
             continue
         t_img, p_img = nib.load(truth), nib.load(pred)
         t_ml = volume_ml(t_img.get_fdata() > 0, voxel_sizes(t_img))
         d = dice(t_img.get_fdata(), p_img.get_fdata())
-        lines.append(f"{sub:<12}{t_ml:>9.2f}{float(row['residual_volume_ml']):>14.2f}"
-                     f"{'GTR' if t_ml < 0.175 else 'RT':>6}{row['resection_status']:>6}"
+        m = data["measures"]
+        lines.append(f"{sub:<12}{t_ml:>9.2f}{float(m['residual_volume_ml']):>14.2f}"
+                     f"{'GTR' if t_ml < 0.175 else 'RT':>6}{m['resection_status']:>6}"
                      f"{'-' if d is None else f'{d:.2f}':>7}")
     return "\n".join(lines)
+
+
+def demo_dataset_is_current(root: Path, *, seed: int, n_participants: int) -> bool:
+    """Whether ``root`` already holds the demo dataset of this version, seed and size (a rerun then keeps it, so
+    that the work folder's cached steps stay valid: rewriting the files would change their timestamps)."""
+    import json
+
+    from bids_postop import __version__
+
+    stamp = root / ".bids_postop_demo.json"
+    try:
+        return json.loads(stamp.read_text()) == {"version": __version__, "seed": seed,
+                                                 "n_participants": n_participants}
+    except (OSError, ValueError):
+        return False
+
+
+def stamp_demo_dataset(root: Path, *, seed: int, n_participants: int) -> None:
+    import json
+
+    from bids_postop import __version__
+
+    (root / ".bids_postop_demo.json").write_text(json.dumps({"version": __version__, "seed": seed,
+                                                             "n_participants": n_participants}))
 
 
 def write_training_set(parser: argparse.ArgumentParser, args: argparse.Namespace, root: Path) -> int:
@@ -87,21 +115,28 @@ def write_training_set(parser: argparse.ArgumentParser, args: argparse.Namespace
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    root = args.outdir.expanduser().resolve()
+    outdir = args.outdir.expanduser().resolve()
     if args.training_set:
-        return write_training_set(parser, args, root)
+        return write_training_set(parser, args, outdir)
     from bids_postop.demo.dataset import write_demo_dataset
 
-    print(f"bids_postop-demo: writing the simulated BIDS dataset to {root}", flush=True)
-    write_demo_dataset(root, seed=args.seed or 0, n_participants=max(4, args.participants or 4))
+    # OUTDIR/bids: the dataset (derivatives inside it, as BIDS apps expect); OUTDIR/work: intermediate files, kept
+    # out of the dataset (bids_postop refuses a work folder inside its input)
+    root, work = outdir / "bids", outdir / "work"
+    seed, n = args.seed or 0, max(4, args.participants or 4)
+    if demo_dataset_is_current(root, seed=seed, n_participants=n):
+        print(f"bids_postop-demo: reusing the simulated BIDS dataset in {root}", flush=True)
+    else:
+        print(f"bids_postop-demo: writing the simulated BIDS dataset to {root}", flush=True)
+        write_demo_dataset(root, seed=seed, n_participants=n)
+        stamp_demo_dataset(root, seed=seed, n_participants=n)
     if args.dataset_only:
         return 0
     from bids_postop.cli.run import main as run_main
 
     output_dir = root / "derivatives" / "bids_postop"
     argv_run = [str(root), str(output_dir), "participant", "--model", "demo",
-                "-d", f"preop={root / 'derivatives' / 'preop_masks'}",
-                "-w", str(root / "derivatives" / "bids_postop_work"), "--device", args.device]
+                "-d", f"preop={root / 'derivatives' / 'preop_masks'}", "-w", str(work), "--device", args.device]
     if args.nprocs:
         argv_run += ["--nprocs", str(args.nprocs)]
     code = run_main(argv_run)

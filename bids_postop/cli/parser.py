@@ -13,13 +13,14 @@ EPILOG = """\
 exit codes:
   0   every participant finished
   1   at least one participant failed (the others finished; see the final table and logs/)
-  64  usage error (bad option or value, unknown model or configuration)
+  64  usage error (bad option or value, --model missing or unknown, work directory inside or around the data)
   66  no usable input (dataset missing or not BIDS, unknown participant, no post-op contrast T1w)
-  73  the output or work directory cannot be written
+  73  the output or work directory cannot be written, or the output is (inside) the input dataset
 
 example:
   bids_postop /data/bids /data/bids/derivatives/bids_postop participant --participant-label 01 02 \\
-      -d preop=/data/bids/derivatives/preop_masks --model demo
+      -d preop=/data/bids/derivatives/preop_masks --model MRI_GBM_Postop_FV_5p -w /scratch/work
+  (models: bids_postop-models list; the demo model, for simulated data only: bids_postop-demo)
 """
 
 
@@ -48,15 +49,32 @@ def _derivative(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def _memory_gb(value: str) -> float:
-    text = value.strip().upper().rstrip("B")
-    factor = {"G": 1.0, "M": 1 / 1024, "T": 1024.0}
+_UNITS_GB = {"K": 1 / 1024 ** 2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
+
+
+def _memory(value: str, *, bare_unit: str) -> float:
+    """A memory size in GB from ``8000``, ``8000M``, ``8G``, ``8GB``, ``1T``; a bare number is in ``bare_unit``."""
+    text = value.strip().upper().removesuffix("B")
+    unit = text[-1] if text and text[-1] in _UNITS_GB else bare_unit
+    number = text[:-1] if text and text[-1] in _UNITS_GB else text
     try:
-        if text and text[-1] in factor:
-            return float(text[:-1]) * factor[text[-1]]
-        return float(text)
+        size = float(number) * _UNITS_GB[unit]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a memory size like 8G or 8000M, got {value!r}") from exc
+        raise argparse.ArgumentTypeError(f"expected a memory size like 16000 (MB), 16000M or 16G, got {value!r}") \
+            from exc
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"memory must be > 0, got {value!r}")
+    return size
+
+
+def memory_mb(value: str) -> float:
+    """``--mem`` / ``--mem-mb``: a bare number is MB, as in fMRIPrep (``--mem 16000`` = 16000 MB); GB returned."""
+    return _memory(value, bare_unit="M")
+
+
+def memory_gb(value: str) -> float:
+    """``--mem-gb``: a bare number is GB; GB returned."""
+    return _memory(value, bare_unit="G")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not validate the input dataset")
 
     g = parser.add_argument_group("model and method")
-    g.add_argument("--model", default="demo", metavar="FOLDER|demo",
-                   help="a model folder (with bids_postop_model.json), a folder of models (one per "
-                        "configuration), a bare nnU-Net v2 trained-model folder, or 'demo' — the embedded "
-                        "demo model for simulated data, NOT for clinical use (default: demo)")
+    g.add_argument("--model", default=None, metavar="NAME|FOLDER",
+                   help="required for the participant level: the name of an installed model (bids_postop-models "
+                        "list; e.g. MRI_GBM_Postop_FV_2p after bids_postop-models fetch MRI_GBM_Postop_FV_2p), a "
+                        "model folder (with bids_postop_model.json), a folder of models (one per configuration), "
+                        "a bare nnU-Net v2 trained-model folder, a Raidionics model folder, or 'demo' — the "
+                        "embedded demo model for simulated data, NOT for clinical use (bids_postop-demo uses it)")
     g.add_argument("--config", default="auto", choices=["auto", "A", "B", "C", "D", "E"],
                    help="input configuration (A: T1w-CE; B: +T1w; C: +FLAIR; D: B+pre-op T1w-CE and mask; "
                         "E: all); auto takes the richest that the data and models allow (default: auto)")
@@ -152,10 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="intermediate files; reusing it resumes a run (default: ./work)")
     g.add_argument("--nprocs", "--n-cpus", type=positive_int, default=min(os.cpu_count() or 1, 8),
                    metavar="N", help="processes run at once (default: CPU count, at most 8)")
-    g.add_argument("--omp-nthreads", type=positive_int, default=None, metavar="N",
-                   help="threads per process (default: nprocs)")
-    g.add_argument("--mem", "--mem-gb", dest="mem_gb", type=_memory_gb, default=None, metavar="SIZE",
-                   help="memory limit for scheduling steps, e.g. 16G")
+    g.add_argument("--omp-nthreads", "--omp_nthreads", type=positive_int, default=None, metavar="N",
+                   help="threads of each multi-threaded step (registration, brain extraction, segmentation, "
+                        "figures); the scheduler never runs more threads at once than --nprocs "
+                        "(default: nprocs - 1, at most 8, at least 1, as fMRIPrep)")
+    mem = g.add_mutually_exclusive_group()
+    mem.add_argument("--mem", "--mem-mb", "--mem_mb", dest="mem_gb", type=memory_mb, default=None, metavar="MB",
+                     help="memory limit for scheduling steps, in MB as in fMRIPrep (16000 = 16 GB); a unit may be "
+                          "given (16G)")
+    mem.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=memory_gb, default=None, metavar="GB",
+                     help="the same in GB (16 = 16 GB)")
+    g.add_argument("--notrack", action="store_true",
+                   help="accepted for fMRIPrep compatibility: bids_postop never contacts the network during a run "
+                        "(nipype's online version check is off); only bids_postop-models fetch downloads")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where networks run (default: auto = cuda when available)")
     g.add_argument("--clean-workdir", action="store_true",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import shlex
 import sys
 import time
@@ -22,6 +21,7 @@ from bids_postop.errors import (
     InputDataError,
     UsageError,
 )
+from bids_postop.runtime import offline, set_thread_environment, thread_counts
 from bids_postop.settings import DEFAULT_BRAIN_MODEL, RunSettings
 
 LOG = logging.getLogger("bids_postop")
@@ -34,6 +34,7 @@ class ParticipantStatus:
     config: str | None = None
     seconds: float = 0.0
     message: str = ""
+    measures_tsv: Path | None = None  # the measures this run wrote (the final table reads them)
 
 
 def settings_from_args(argv: Sequence[str] | None) -> RunSettings:
@@ -47,13 +48,17 @@ def settings_from_args(argv: Sequence[str] | None) -> RunSettings:
         parser.error(f"--brain-model {args.brain_model} is a Raidionics model: use it with --brain-method raidionics "
                      f"(or without --brain-method), not --brain-method {brain_method}")
     brain_model = (args.brain_model or DEFAULT_BRAIN_MODEL) if brain_method == "raidionics" else None
+    nprocs, omp_nthreads, thread_warning = thread_counts(args.nprocs, args.omp_nthreads)
+    for warning in (thread_warning, memory_warning(args.mem_gb)):
+        if warning:
+            print(f"bids_postop: warning: {warning}", file=sys.stderr)
     return RunSettings(
         bids_dir=args.bids_dir.expanduser().resolve(), output_dir=args.output_dir.expanduser().resolve(),
         analysis_level=args.analysis_level,
         work_dir=(args.work_dir or Path.cwd() / "work").expanduser().resolve(),
         participant_labels=tuple(args.participant_label), postop_session=args.postop_session,
         preop_session=args.preop_session, bids_filter_file=args.bids_filter_file,
-        derivatives=dict(args.derivatives), nprocs=args.nprocs, omp_nthreads=args.omp_nthreads or args.nprocs,
+        derivatives=dict(args.derivatives), nprocs=nprocs, omp_nthreads=omp_nthreads,
         mem_gb=args.mem_gb, device=args.device, model=args.model, config=args.config,
         brain_method=brain_method, brain_model=brain_model, trust_checkpoint=args.trust_checkpoint,
         skip_bids_validation=args.skip_bids_validation,
@@ -64,8 +69,30 @@ def settings_from_args(argv: Sequence[str] | None) -> RunSettings:
         nnunet_engine=args.nnunet_engine,
         reports_only=args.reports_only, clean_workdir=args.clean_workdir, boilerplate=args.boilerplate,
         rater_groups=args.rater_groups, folds=args.folds, compare=dict(args.compare),
-        n_bootstrap=args.n_bootstrap, seed=args.seed, verbosity=args.verbosity,
+        n_bootstrap=args.n_bootstrap, seed=args.seed, verbosity=args.verbosity, notrack=args.notrack,
         command_line=shlex.join(["bids_postop", *(argv if argv is not None else sys.argv[1:])]))
+
+
+def memory_warning(mem_gb: float | None) -> str | None:
+    """A warning for implausible ``--mem`` values (MB given as GB or the reverse)."""
+    if mem_gb is None:
+        return None
+    if mem_gb < 1:
+        return f"--mem is {mem_gb * 1024:.0f} MB: too little for any step (a bare number is MB, e.g. --mem 16000)"
+    if mem_gb > 4096:
+        return f"--mem is {mem_gb / 1024:.0f} TB: was a size in GB meant? Use --mem-gb, or MB with --mem"
+    return None
+
+
+def missing_model_message() -> str:
+    """Exit 64 without ``--model``: which models are installed and how to get one (no silent demo model)."""
+    from bids_postop.models import installed_models, models_home
+
+    installed = ", ".join(installed_models()) or "none"
+    return (f"--model is required: give the model to run (installed in {models_home()}: {installed}; "
+            f"install a published one with `bids_postop-models fetch MRI_GBM_Postop_FV_2p`, or give a model "
+            f"folder). The embedded demo model is trained on simulated data and is not for clinical use: it runs "
+            f"with bids_postop-demo, or with --model demo explicitly")
 
 
 def setup_logging(settings: RunSettings) -> Path:
@@ -90,7 +117,8 @@ def configure_nipype(settings: RunSettings) -> None:
     from nipype import config
     from nipype import logging as nlogging
 
-    crash_dir = settings.work_dir / "crashes"
+    # crash files are results a user must keep: under the output's logs/, not in the work folder they delete
+    crash_dir = settings.output_dir / "logs" / "crashes"
     crash_dir.mkdir(parents=True, exist_ok=True)
     config.update_config({
         "logging": {"log_directory": str(settings.work_dir), "log_to_file": False,
@@ -109,32 +137,48 @@ def configure_nipype(settings: RunSettings) -> None:
 def run_participants(settings: RunSettings) -> int:
     from bids_postop.bids.derivatives import write_dataset_description
     from bids_postop.bids.inputs import discover, expected_names, format_inputs_table, load_bids_filters
+    from bids_postop.cli.paths import clean_work_dir
     from bids_postop.configurations import CONFIGURATIONS, choose_configuration
-    from bids_postop.segmentation.models import resolve_models
+    from bids_postop.segmentation.models import resolve
     from bids_postop.workflows.preflight import check_participant_inputs
 
+    validation: dict = {"validator": "skipped (--skip-bids-validation)"}
     if not settings.skip_bids_validation:
         from bids_postop.bids.validation import validate_dataset
 
-        for warning in validate_dataset(settings.bids_dir):
+        result = validate_dataset(settings.bids_dir, participants=settings.participant_labels or None)
+        if result.note:
+            LOG.warning("BIDS validation: %s", result.note)
+        if result.errors_of_other_participants:
+            LOG.info("BIDS validation: %d error(s) in participants not run here were ignored",
+                     result.errors_of_other_participants)
+        for warning in result.warnings:
             LOG.debug("BIDS validator warning: %s", warning)
+        validation = result.provenance()
     if settings.clean_workdir:
-        clean_work_dir(settings)
+        removed = clean_work_dir(settings.work_dir)
+        LOG.info("emptied the work directory %s (--clean-workdir: %d entries removed)", settings.work_dir, removed)
     participants = discover(
         settings.bids_dir, participant_labels=settings.participant_labels,
         postop_session=settings.postop_session, preop_session=settings.preop_session,
         derivatives=settings.derivatives, bids_filters=load_bids_filters(settings.bids_filter_file),
         validate=not settings.skip_bids_validation)
     participants = [check_participant_inputs(p) for p in participants]
-    cards = {c.configuration: c for c in resolve_models(settings.model)}
-    check_model_files(list(cards.values()), trust_checkpoint=settings.trust_checkpoint)
+    models = {m.card.configuration: m for m in resolve(settings.model)}
+    check_model_files([m.card for m in models.values()], trust_checkpoint=settings.trust_checkpoint)
+    for model in models.values():
+        LOG.info("model %s (configuration %s): %s, sha256 %s…, inputs %s", model.card.name, model.card.configuration,
+                 model.card.folder, model.digest[:12], ", ".join(model.inputs))
+        if model.not_for_clinical_use:
+            LOG.warning("model %s is flagged NOT FOR CLINICAL USE in its card: every output says so; do not use "
+                        "its results for patient care", model.card.name)
     brain_model, brain_extraction = resolve_brain_extraction(settings)
-    if settings.config != "auto" and settings.config not in cards:
+    if settings.config != "auto" and settings.config not in models:
         raise UsageError(f"--config {settings.config}: the model(s) at {settings.model} cover only "
-                              f"configuration(s) {', '.join(sorted(cards))}")
-    chosen = {p.subject: choose_configuration(p.available, set(cards), settings.config) for p in participants}
+                         f"configuration(s) {', '.join(sorted(models))}")
+    chosen = {p.subject: choose_configuration(p.available, set(models), settings.config) for p in participants}
     LOG.info("Inputs found (model: %s; configurations available: %s)\n%s", settings.model,
-             ", ".join(sorted(cards)), format_inputs_table(participants, chosen))
+             ", ".join(sorted(models)), format_inputs_table(participants, chosen))
     statuses: list[ParticipantStatus] = []
     runnable = []
     for p in participants:
@@ -145,7 +189,7 @@ def run_participants(settings: RunSettings) -> int:
                 why = "no post-operative contrast T1w; expected:\n    " + "\n    ".join(
                     expected_names(p, settings.postop_session, settings.preop_session))
             else:
-                wanted = settings.config if settings.config != "auto" else "/".join(sorted(cards))
+                wanted = settings.config if settings.config != "auto" else "/".join(sorted(models))
                 needs = sorted({r for c in wanted.split("/") for r in CONFIGURATIONS[c]} - set(p.files)) \
                     if settings.config != "auto" else []
                 why = (f"inputs for configuration {wanted} missing ({', '.join(needs)})" if needs
@@ -159,22 +203,21 @@ def run_participants(settings: RunSettings) -> int:
         raise InputDataError("no participant has the inputs needed to run", settings.bids_dir)
 
     write_dataset_description(settings.output_dir, settings.bids_dir)
-    settings.work_dir.mkdir(parents=True, exist_ok=True)
     configure_nipype(settings)
     # ITK reads its thread count once per process, at the first ANTs call: set it before any worker starts.
-    # One thread per registration makes reruns bit-identical (two threads differ by ~0.01 mm).
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(settings.omp_nthreads)
-    os.environ["OMP_NUM_THREADS"] = str(settings.omp_nthreads)
+    set_thread_environment(settings.omp_nthreads)
     provenance = {"bids_postop_version": __version__, "command_line": settings.command_line,
-                  "versions": package_versions(), "brain_extraction": brain_extraction}
+                  "versions": package_versions(), "brain_extraction": brain_extraction,
+                  "bids_validation": validation,
+                  "threads": {"nprocs": settings.nprocs, "omp_nthreads": settings.omp_nthreads}}
     write_boilerplate(settings)
     for p in runnable:
-        status = run_one_participant(settings, p, cards[chosen[p.subject]], provenance, brain_model=brain_model)
+        status = run_one_participant(settings, p, models[chosen[p.subject]], provenance, brain_model=brain_model)
         statuses.append(status)
         if status.status == "failed" and settings.stop_on_first_crash:
             LOG.error("stopping at the first failure (--stop-on-first-crash)")
             break
-    print_final_table(statuses, settings.output_dir)
+    print_final_table(statuses)
     return EXIT_OK if all(s.status == "done" for s in statuses) else EXIT_PARTICIPANT_FAILED
 
 
@@ -222,30 +265,16 @@ def write_boilerplate(settings: RunSettings) -> Path:
     return atomic_write_text(settings.output_dir / "logs" / "CITATION.md", text)
 
 
-def clean_work_dir(settings: RunSettings) -> None:
-    """Empty the work directory, refusing folders that hold the data or the results."""
-    import shutil
-
-    work = settings.work_dir.resolve()
-    protected = {Path("/"), Path.home().resolve(), settings.bids_dir.resolve(), settings.output_dir.resolve()}
-    if work in protected or any(work in p.parents for p in protected if p != Path("/")):
-        raise UsageError(f"--clean-workdir: refusing to empty {work}: it is or contains the input, the output "
-                         f"or the home folder; give a dedicated -w")
-    if work.is_dir():
-        LOG.info("emptying the work directory %s (--clean-workdir)", work)
-        for child in work.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-
-
-def run_one_participant(settings: RunSettings, inputs, card, provenance, *,
+def run_one_participant(settings: RunSettings, inputs, model, provenance, *,
                         brain_model: str | None = None) -> ParticipantStatus:
     from bids_postop.workflows.base import init_participant_wf
 
     start = time.monotonic()
     pid = inputs.participant_id
+    card = model.card
     LOG.info("%s: start (configuration %s, model %s)", pid, card.configuration, card.name)
     workflow = init_participant_wf(
-        inputs=inputs, card=card, output_dir=settings.output_dir, bids_dir=settings.bids_dir,
+        inputs=inputs, model=model, output_dir=settings.output_dir, bids_dir=settings.bids_dir,
         brain_method=settings.brain_method, brain_model=brain_model, device=settings.device,
         omp_nthreads=settings.omp_nthreads, use_mirroring=settings.use_mirroring,
         trust_checkpoint=settings.trust_checkpoint, fast=settings.fast, precision=settings.precision,
@@ -282,24 +311,33 @@ def run_one_participant(settings: RunSettings, inputs, card, provenance, *,
     except Exception as exc:  # nipype raises RuntimeError after the crashed nodes; details in `errors`
         message = "; ".join(errors) or f"{exc.__class__.__name__}: {exc}"
         took = time.monotonic() - start
-        LOG.error("%s: failed after %.0f s: %s (crash files: %s)", pid, took, message, settings.work_dir / "crashes")
-        final_report(settings, inputs, card, took, errors or [message], failed=True)
+        LOG.error("%s: failed after %.0f s: %s (crash files: %s)", pid, took, message,
+                  settings.output_dir / "logs" / "crashes")
+        final_report(settings, inputs, model, took, errors or [message], failed=True)
         return ParticipantStatus(pid, "failed", card.configuration, took, message)
     finally:
         gc.unfreeze()  # this participant's workflow objects become collectable again
     took = time.monotonic() - start
-    final_report(settings, inputs, card, took, [], failed=False)
+    final_report(settings, inputs, model, took, [], failed=False)
     LOG.info("%s: finished in %.0f s; report: %s", pid, took, settings.output_dir / f"{pid}.html")
-    return ParticipantStatus(pid, "done", card.configuration, took)
+    return ParticipantStatus(pid, "done", card.configuration, took, measures_tsv=session_outputs(
+        settings, inputs, model).measures_tsv)
 
 
-def final_report(settings: RunSettings, inputs, card, took: float, errors: list[str], *, failed: bool) -> None:
+def session_outputs(settings: RunSettings, inputs, model):
+    """Where this participant's derivatives for this model go."""
+    from bids_postop.bids.derivatives import SessionOutputs
+
+    return SessionOutputs.for_source(settings.output_dir, inputs.files["postop_t1ce"], inputs.subject,
+                                     inputs.postop_session, model_label=model.label)
+
+
+def final_report(settings: RunSettings, inputs, model, took: float, errors: list[str], *, failed: bool) -> None:
     """Rewrite the participant's HTML with what only the end of the run knows: run time, device, errors."""
-    from bids_postop.bids.derivatives import SessionOutputs, bids_uri
+    from bids_postop.bids.derivatives import bids_uri
     from bids_postop.reports.html import existing_figures, render_participant_report
 
-    outputs = SessionOutputs.for_source(settings.output_dir, inputs.files["postop_t1ce"], inputs.subject,
-                                        inputs.postop_session)
+    outputs = session_outputs(settings, inputs, model)
     warnings = list(inputs.notes)
     if not failed and outputs.measures_json.exists():
         import json
@@ -344,17 +382,37 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def print_final_table(statuses: Sequence[ParticipantStatus], output_dir: Path | None = None) -> None:
-    from bids_postop.bids.derivatives import read_summaries
+def _cell(row: dict, key: str) -> str:
+    value = str(row.get(key, "") or "")
+    return "-" if value in ("", "n/a") else value
 
-    volumes = {r["participant_id"]: r for r in read_summaries(output_dir)} if output_dir else {}
-    lines = [f"{'participant':<14}{'status':<9}{'config':<8}{'time':>8}  {'residual ml':>11}  {'call':<5}"
+
+def _read_row(tsv: Path | None) -> dict[str, str]:
+    if tsv is None or not tsv.is_file():
+        return {}
+    import csv
+
+    with tsv.open(newline="") as handle:
+        return next(csv.DictReader(handle, delimiter="\t"), {})
+
+
+def print_final_table(statuses: Sequence[ParticipantStatus]) -> None:
+    """The run's summary: one row per participant (status, configuration, time, residual, call, EOR) from the
+    measures each run wrote; a model flagged not for clinical use is named under the table."""
+    width = max([14, *(len(s.participant_id) + 2 for s in statuses)])
+    lines = [f"{'participant':<{width}}{'status':<9}{'config':<8}{'time':>8}  {'residual ml':>11}  {'call':<5}"
              f"{'EOR %':>8}  message"]
+    flagged: set[str] = set()
     for s in statuses:
-        row = volumes.get(s.participant_id, {}) if s.status == "done" else {}
-        lines.append(f"{s.participant_id:<14}{s.status:<9}{s.config or '-':<8}{s.seconds:>7.0f}s  "
-                     f"{row.get('residual_volume_ml', '') or '-':>11}  {row.get('resection_status', '') or '-':<5}"
-                     f"{row.get('eor_percent', '') or '-':>8}  {s.message}")
+        row = _read_row(s.measures_tsv) if s.status == "done" else {}
+        if row.get("not_for_clinical_use", "").lower() == "true":
+            flagged.add(row.get("model", ""))
+        lines.append(f"{s.participant_id:<{width}}{s.status:<9}{s.config or '-':<8}{s.seconds:>7.0f}s  "
+                     f"{_cell(row, 'residual_volume_ml'):>11}  {_cell(row, 'resection_status'):<5}"
+                     f"{_cell(row, 'eor_percent'):>8}  {s.message}")
+    for name in sorted(flagged):
+        lines.append(f"NOT FOR CLINICAL USE: model {name} is flagged not for clinical use in its card; do not use "
+                     f"these results for patient care")
     LOG.info("Summary\n%s", "\n".join(lines))
 
 
@@ -373,20 +431,26 @@ def run_group(settings: RunSettings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    offline()  # before nipype is imported: no online version check
     settings = settings_from_args(argv)
     log_file = None
     try:
-        from bids_postop.bids.derivatives import check_output_dir
+        from bids_postop.cli.paths import check_run_paths, prepare_output_dir, prepare_work_dir
 
-        if settings.bids_dir.is_dir():  # before the logs go into output_dir
-            check_output_dir(settings.output_dir, settings.bids_dir)
+        participant_run = (settings.analysis_level == "participant" and not settings.boilerplate
+                           and not settings.reports_only)
+        # every check before anything is written (the log file included)
+        check_run_paths(bids_dir=settings.bids_dir, output_dir=settings.output_dir,
+                        work_dir=settings.work_dir if participant_run else None, derivatives=settings.derivatives)
+        if participant_run and settings.model is None:
+            raise UsageError(missing_model_message())
+        prepare_output_dir(settings.output_dir)
+        if participant_run:
+            prepare_work_dir(settings.work_dir)
         log_file = setup_logging(settings)
         LOG.info("bids_postop %s — %s", __version__, settings.command_line)
         LOG.debug("settings:\n%s", settings.to_json())
         LOG.info("log: %s", log_file)
-        if not settings.bids_dir.is_dir():
-            raise InputDataError("the BIDS directory does not exist (for containers: is it bind-mounted, "
-                                 "e.g. docker -v /path/to/bids:/data:ro?)", settings.bids_dir)
         if settings.boilerplate:
             print(write_boilerplate(settings).read_text())
             return EXIT_OK

@@ -97,15 +97,29 @@ def same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialIma
     return a.shape[:3] == b.shape[:3] and np.allclose(a.affine, b.affine, atol=atol)
 
 
+# The header fields that place a NIfTI grid in space: both the qform (quaternion) and the sform (matrix), with
+# their codes and the qform's handedness (pixdim[0]). Outputs copy them from their reference byte for byte.
+_PLACEMENT_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+                     "qoffset_z", "srow_x", "srow_y", "srow_z")
+
+
 def write_like(array: np.ndarray, reference: nib.spatialimages.SpatialImage, path: str | Path, *,
                dtype: type | np.dtype = np.float32) -> Path:
-    """Write ``array`` (reference voxel order) with exactly the reference's affine, sform and qform."""
+    """Write ``array`` (reference voxel order) on exactly the reference's grid: the reference's qform and sform
+    (matrices and codes) are kept as they are, also when they differ (some converters write a qform half a voxel
+    away from the sform; a viewer reading the qform must then see the output where it sees the source)."""
     header = reference.header.copy()
     header.set_data_dtype(dtype)
     out = nib.Nifti1Image(np.asarray(array, dtype=dtype), reference.affine, header)
-    # keep the reference's sform/qform codes so every reader sees the very same grid
-    out.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
-    out.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
+    source = reference.header
+    if int(source["qform_code"]) == 0 and int(source["sform_code"]) == 0:
+        # no placement at all in the source (an Analyze-style header): state the affine used, in both forms
+        out.set_sform(reference.affine, code=1)
+        out.set_qform(reference.affine, code=1)
+    else:
+        for key in _PLACEMENT_FIELDS:
+            out.header[key] = source[key]
+        out.header["pixdim"][0] = source["pixdim"][0]
     out.header.set_slope_inter(1, 0)  # the array is already in its final dtype: no scaling
     path = Path(path)
     nib.save(out, str(path))

@@ -77,7 +77,7 @@ class ParticipantReport(SimpleInterface):
     def _run_interface(self, runtime):
         from bids_postop.reports.html import render_participant_report
 
-        measures = next((Path(f) for f in self.inputs.out_files if f.endswith("_desc-residual_measures.json")), None)
+        measures = next((Path(f) for f in self.inputs.out_files if f.endswith("_measures.json")), None)
         out = render_participant_report(
             Path(self.inputs.output_dir), self.inputs.subject, self.inputs.session, measures_json=measures,
             figures={k: Path(v) for k, v in self.inputs.figures.items()}, inputs=dict(self.inputs.inputs),

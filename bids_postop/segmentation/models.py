@@ -9,8 +9,10 @@ number of input channels and its threshold defaults to 0.5, both with a warning.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +41,23 @@ class ModelCard:
     details: Mapping[str, Any] = field(default_factory=dict)  # architecture-specific section
     raw: Mapping[str, Any] = field(default_factory=dict)  # the whole card, for provenance
 
+    @property
+    def not_for_clinical_use(self) -> bool:
+        """The card's boolean ``not_for_clinical_use`` (absent: False). A flag, never a text match: every
+        output of a run with such a model says so (TSV column, measures JSON, report banner, final table)."""
+        return bool(self.raw.get("not_for_clinical_use", False))
+
+    @property
+    def label(self) -> str:
+        """The model's name made alphanumeric: the ``desc-`` value of its derivatives (``demo-B`` → ``demoB``), so
+        that two models written into one output dataset never overwrite each other."""
+        return re.sub(r"[^A-Za-z0-9]", "", self.name) or "model"
+
     def provenance(self) -> dict[str, Any]:
         return {"name": self.name, "architecture": self.architecture, "configuration": self.configuration,
                 "channels": list(self.channels), "threshold": self.threshold,
-                "intended_use": self.intended_use, "folder": str(self.folder)}
+                "intended_use": self.intended_use, "not_for_clinical_use": self.not_for_clinical_use,
+                "folder": str(self.folder)}
 
 
 def read_card(folder: Path) -> ModelCard:
@@ -131,3 +146,88 @@ def resolve_models(spec: str | Path) -> list[ModelCard]:
                              f"{seen[card.configuration]} and {card.folder}; keep one per configuration")
         seen[card.configuration] = card.folder
     return cards
+
+
+# --- the resolved model: what a run needs to know about a model, computed once per run ----------------------
+
+# Files whose bytes make a model (cards, plans, weights); logs, validation outputs and install records do not.
+DIGEST_PATTERNS = (CARD_NAME, "dataset.json", "plans.json", "pipeline.json", "pre_processing.ini", "*.onnx",
+                   "*.pth", "*.pt", "*.h5", "*.keras")
+_DIGESTS: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
+
+
+def model_files_for_digest(folder: Path) -> list[Path]:
+    """The files of a model folder that its content digest covers, sorted by relative path."""
+    found = {p for pattern in DIGEST_PATTERNS for p in folder.rglob(pattern)
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def model_digest(folder: Path) -> str:
+    """SHA-256 over the model's files (relative path and bytes, :func:`model_files_for_digest`).
+
+    Replacing the weights in place (``bids_postop-models fetch --force``, retraining into the same folder) changes
+    it, so work-directory caches keyed on it recompute. Cached per process on (path, size, mtime) of every file.
+    """
+    folder = Path(folder).resolve()
+    files = model_files_for_digest(folder)
+    key = (str(folder), tuple((f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+                              for f in files))
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def reader_convention(card: ModelCard) -> str:
+    """How the model's input arrays are oriented: nnU-Net models per their card or ``dataset.json`` reader
+    (:func:`bids_postop.segmentation.nnunet.reader_convention`), Raidionics models on their native grid."""
+    if card.architecture == "nnunet":
+        from bids_postop.segmentation import nnunet
+
+        convention = getattr(nnunet, "reader_convention", None)
+        return str(convention(card)) if convention is not None else "RAS"
+    if card.architecture == "raidionics":
+        return "native voxel order (raidionicsseg)"
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """One model as a run uses it, built once per run (:func:`resolve`) and passed to the workflow: the card,
+    the content digest (a segmentation node input, so cached results are reused only for the same model bytes),
+    the reader convention and the inputs it wants."""
+
+    card: ModelCard
+    digest: str
+    reader: str
+    inputs: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return self.card.label
+
+    @property
+    def not_for_clinical_use(self) -> bool:
+        return self.card.not_for_clinical_use
+
+    def provenance(self) -> dict[str, Any]:
+        return {**self.card.provenance(), "digest": f"sha256:{self.digest}", "reader": self.reader,
+                "inputs": list(self.inputs), "derivatives_desc": self.label}
+
+
+def resolve(spec: str | Path) -> list[ResolvedModel]:
+    """The models named by ``--model`` (:func:`resolve_models`), each with its digest and reader convention."""
+    out = []
+    for card in resolve_models(spec):
+        inputs = tuple(card.channels) + (("brain_mask",) if card.architecture == "raidionics" else ())
+        out.append(ResolvedModel(card=card, digest=model_digest(card.folder), reader=reader_convention(card),
+                                 inputs=inputs))
+    return out

@@ -18,14 +18,14 @@ from bids_postop.bids.inputs import ParticipantInputs
 from bids_postop.interfaces.core import PostProcess, Segment
 from bids_postop.interfaces.derivatives import DerivativesSink
 from bids_postop.interfaces.reports import ParticipantReport, ReportFigures
-from bids_postop.segmentation.models import ModelCard
+from bids_postop.segmentation.models import ResolvedModel
 from bids_postop.workflows.channels import REGISTRATION_KIND, init_channels_wf
 
 
 def init_participant_wf(
     *,
     inputs: ParticipantInputs,
-    card: ModelCard,
+    model: ResolvedModel,
     output_dir: Path,
     bids_dir: Path,
     brain_method: str = "deepbet",
@@ -45,6 +45,11 @@ def init_participant_wf(
 ) -> pe.Workflow:
     """Build the workflow of one participant's post-operative session for one model.
 
+    ``model`` is the run's resolved model (:func:`bids_postop.segmentation.models.resolve`): its content digest is
+    an input of the segmentation node, so a work directory's cached probability map is reused only for the same
+    model bytes; its label names the derivatives. Multi-threaded nodes declare ``n_procs=omp_nthreads`` so that
+    the scheduler never runs more threads at once than its ``n_procs``.
+
     Only the inputs the model's configuration uses are registered and fed to the network; the pre-op
     tumour mask, when present, always gives the pre-op volume and the extent of resection.
     ``fast`` runs only the model's first fold (the caller also turns mirroring off: ``--fast``);
@@ -55,6 +60,7 @@ def init_participant_wf(
     ``output_dir``.
     """
     workflow = pe.Workflow(name=name or f"sub_{inputs.subject}_wf")
+    card = model.card
     used = [r for r in card.channels if r in inputs.files]
     fields = sorted(set(used) | ({"preop_mask"} & set(inputs.files)))
     inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
@@ -64,10 +70,11 @@ def init_participant_wf(
     channels_wf = init_channels_wf(roles=used, brain_method=brain_method, brain_model=brain_model, device=device,
                                    omp_nthreads=omp_nthreads)
     figures = pe.Node(ReportFigures(), name="figures", mem_gb=1)
-    segment = pe.Node(Segment(model_folder=str(card.folder), device=device, threads=omp_nthreads,
+    segment = pe.Node(Segment(model_folder=str(card.folder), model_digest=model.digest, device=device,
+                              threads=omp_nthreads,
                               use_mirroring=use_mirroring, trust_checkpoint=trust_checkpoint,
                               first_fold_only=fast, precision=precision, nnunet_engine=nnunet_engine),
-                      name="segment", mem_gb=4)
+                      name="segment", mem_gb=4, n_procs=omp_nthreads)
     workflow.connect([
         (inputnode, channels_wf, [(f"{role}", f"inputnode.{role}") for role in used]),
         (channels_wf, segment, [(f"outputnode.{role}", role) for role in used]),
@@ -85,7 +92,8 @@ def init_participant_wf(
     ds_outputs = pe.Node(DerivativesSink(
         output_dir=str(output_dir), bids_dir=str(bids_dir), subject=inputs.subject,
         session=inputs.postop_session, site=inputs.site, sources=sources, configuration=card.configuration,
-        model=card.provenance(), provenance=dict(provenance or {})), name="ds_outputs", run_without_submitting=True)
+        model=model.provenance(), provenance=dict(provenance or {})), name="ds_outputs",
+        run_without_submitting=True)
     workflow.connect([
         (segment, postprocess, [("out_file", "probseg")]),
         (segment, ds_outputs, [("out_file", "probseg"), ("run_info", "segmentation_run")]),

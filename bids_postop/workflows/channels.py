@@ -52,7 +52,7 @@ def init_channels_wf(
         fields=[*roles, "brain_mask", *(f"{r}_registered" for r in registered)]), name="outputnode")
 
     brain_extraction = pe.Node(BrainExtraction(method=brain_method, device=device, threads=omp_nthreads),
-                               name="brain_extraction", mem_gb=2.5)
+                               name="brain_extraction", mem_gb=2.5, n_procs=omp_nthreads)
     if brain_method == "raidionics":
         brain_extraction.inputs.model_folder = str(brain_model)
     skullstrip_postop_t1ce = pe.Node(ApplyBrainMask(), name="skullstrip_postop_t1ce")
@@ -65,7 +65,7 @@ def init_channels_wf(
     ])
     for role in registered:
         register = pe.Node(Register(kind=REGISTRATION_KIND[role], threads=omp_nthreads),
-                           name=f"register_{role}", mem_gb=1.5)
+                           name=f"register_{role}", mem_gb=1.5, n_procs=omp_nthreads)
         resample = pe.Node(ApplyTransforms(interpolation="linear"), name=f"resample_{role}")
         skullstrip = pe.Node(ApplyBrainMask(), name=f"skullstrip_{role}")
         workflow.connect([
