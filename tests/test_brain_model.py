@@ -4,13 +4,13 @@ CLI; and the errors when the model is missing or the options conflict."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from conftest import make_bids
+from raidionics_onnx import make_onnx
 from scipy import ndimage as ndi
 
 from bids_postop.cli.run import main, settings_from_args
@@ -38,32 +38,13 @@ optimal_thresholds = 0.5
 
 
 def make_brain_model(folder: Path) -> Path:
-    """A Raidionics-layout folder whose model.onnx is a real (tiny) ONNX network: a 1×1×1 convolution with
-    fixed weights computing the logit 0.1 × (intensity − THRESHOLD), then a softmax over (0, logit), channels
-    last as Raidionics' TensorFlow models."""
-    pytest.importorskip("onnx", reason="torch.onnx.export needs the onnx package")
-    import torch
-
-    class Brain(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv3d(1, 1, 1)
-            with torch.no_grad():
-                self.conv.weight.fill_(0.1)
-                self.conv.bias.fill_(-0.1 * THRESHOLD)
-
-        def forward(self, x):  # (B, X, Y, Z, 1)
-            logit = self.conv(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
-            return torch.softmax(torch.cat([torch.zeros_like(logit), logit], dim=-1), dim=-1)
-
+    """A Raidionics-layout folder whose model.onnx is a real (tiny) closed-form ONNX network: the logit
+    0.1 × (intensity − THRESHOLD) for every voxel, then a softmax over (0, logit), channels last as Raidionics'
+    TensorFlow models."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pre_processing.ini").write_text(BRAIN_INI)
-    axes = {1: "x", 2: "y", 3: "z"}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(Brain().eval(), (torch.zeros((1, 16, 16, 16, 1)),), str(folder / "model.onnx"),
-                          input_names=["input"], output_names=["output"], dynamic_axes={"input": axes, "output": axes},
-                          dynamo=False)
+    # logit = gain × (w × x × 1 − centre) = 0.1 × (x − THRESHOLD): no position dependence (ramp 0)
+    make_onnx(folder / "model.onnx", 1, weights=(0.1,), ramp=(0.0, 0.0, 0.0), centre=0.1 * THRESHOLD, gain=1.0)
     return folder
 
 
@@ -91,17 +72,17 @@ def test_brain_model_through_the_cli(tmp_path, monkeypatch):
     assert code == EXIT_OK
     t1ce = bids / "sub-01" / "ses-postop" / "anat" / "sub-01_ses-postop_ce-gadolinium_T1w.nii.gz"
     anat = out / "sub-01" / "ses-postop" / "anat"
-    written = nib.load(anat / "sub-01_ses-postop_ce-gadolinium_label-brain_mask.nii.gz")
+    written = nib.load(anat / "sub-01_ses-postop_ce-gadolinium_desc-brain_mask.nii.gz")
     expected = model_mask(model / "model.onnx", t1ce)
     assert written.shape == SHAPE and np.array_equal(written.affine, nib.load(t1ce).affine)
     assert 50 < expected.sum() < expected.size / 2
     np.testing.assert_array_equal(np.asanyarray(written.dataobj), expected.astype(np.uint8))
 
     # provenance: brain mask sidecar, measures JSON, methods paragraph
-    sidecar = json.loads((anat / "sub-01_ses-postop_ce-gadolinium_label-brain_mask.json").read_text())
+    sidecar = json.loads((anat / "sub-01_ses-postop_ce-gadolinium_desc-brain_mask.json").read_text())
     assert sidecar["BrainExtraction"]["method"] == "raidionics"
     assert sidecar["BrainExtraction"]["model"] == "MRI_Brain" and sidecar["BrainExtraction"]["onnx_md5"]
-    measures = json.loads((out / "sub-01" / "ses-postop" / "sub-01_ses-postop_desc-residual_measures.json").read_text())
+    measures = json.loads((out / "sub-01" / "ses-postop" / "sub-01_ses-postop_desc-demoA_measures.json").read_text())
     assert measures["provenance"]["brain_extraction"]["folder"] == str(model.resolve())
     assert "raidionics" in (out / "sub-01.html").read_text()  # the report's provenance section
     citation = (out / "logs" / "CITATION.md").read_text()
@@ -133,7 +114,8 @@ def test_missing_brain_model_names_the_fetch_command(tmp_path, monkeypatch, spec
     monkeypatch.chdir(tmp_path)
     bids = make_bids(tmp_path / "bids", {"01": {"ses-postop/anat/sub-01_ses-postop_ce-gadolinium_T1w.nii.gz": None}})
     out = tmp_path / "out"
-    code = main([str(bids), str(out), "participant", "--brain-model", spec, "-w", str(tmp_path / "work"),
+    code = main([str(bids), str(out), "participant", "--model", "demo", "--brain-model", spec, "-w",
+                 str(tmp_path / "work"),
                  "--skip-bids-validation"])
     assert code == EXIT_USAGE
     log = next((out / "logs").glob("*.log")).read_text()

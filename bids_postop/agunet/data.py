@@ -60,9 +60,7 @@ def prepare_case(case: PreparedCase, config_name: str, ini_path: Path, data_dir:
     prepared = R.preprocess(arrays, affine, config, label_channels=[r == "preop_mask" for r in roles],
                             brain_mask=brain)
     truth = load_label(case.label, files[0]).astype(np.float32)
-    label = R.resample_array(truth, affine, prepared.grid, order=1)
-    label = R.crop(label, prepared.box)
-    label = R.resize_volume(label, config.new_axial_size or label.shape, order=1)
+    label = R.to_network_grid(truth, prepared, config, order=1)  # the inputs' geometry: crop, resample, resize
     np.save(inp, prepared.data.astype(np.float32))
     np.save(lab, np.clip(label, 0.0, 1.0).astype(np.float32))
     meta.write_text(json.dumps(signature) + "\n")

@@ -13,11 +13,12 @@ from scipy import ndimage as ndi
 from bids_postop.core.images import load_3d, write_like
 from bids_postop.errors import InputDataError, ModelError
 from bids_postop.segmentation.models import DEFAULT_THRESHOLD
-from bids_postop.segmentation.raidionics import preprocess, run_folds, to_reference_grid
+from bids_postop.segmentation.raidionics import fold_files, preprocess, reconstruct, run_folds
 from bids_postop.segmentation.raidionics_model import (
     INI_NAME,
     ONNX_NAME,
     RaidionicsConfig,
+    RuntimeOptions,
     class_threshold,
     model_files,
     read_preprocessing_ini,
@@ -86,18 +87,23 @@ def extract_brain_raidionics(image: str | Path, *, model_folder: str | Path, out
                              device: str = "cpu", threads: int = 1) -> Path:
     """Brain mask with the Raidionics ``MRI_Brain`` model (an alternative to :mod:`bids_postop.core.brain`).
 
-    The probability is thresholded at the model's ``optimal_thresholds`` (≥, 0.5 when absent) and reduced to
-    its largest connected component. Returns ``out_mask``: uint8 0/1, shape ``image.shape[:3]``, written with
-    the image's affine and sform/qform codes. Raises :class:`InputDataError` when no brain is found.
+    Run as the Raidionics application runs it through raidionicsseg (the first fold model only, probabilities
+    mapped back to the image's grid, then thresholded at the model's ``optimal_thresholds``, ≥, 0.5 when absent);
+    the mask is reduced to its largest connected component. Returns ``out_mask``: uint8 0/1, shape
+    ``image.shape[:3]``, written with the image's affine and sform/qform codes. Raises :class:`InputDataError`
+    when no brain is found.
     """
     model_folder = Path(model_folder).expanduser().resolve()
     config = _brain_model_config(model_folder)
     img = load_3d(image, what="image for brain extraction")
     prepared = preprocess([img.get_fdata(dtype=np.float32)], img.affine, config)
-    probabilities = run_folds(model_files(model_folder), prepared.data, config, device=device, threads=threads)
-    probability = to_reference_grid(probabilities[..., config.foreground_class], prepared)
+    runtime = RuntimeOptions()  # as the Raidionics application runs it: the first fold, thresholded after resampling
+    probabilities = run_folds(fold_files(model_folder, runtime), prepared.data, config, runtime=runtime,
+                              device=device, threads=threads)
     threshold = class_threshold(config)
-    mask = probability >= (DEFAULT_THRESHOLD if threshold is None else threshold)
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    probability = reconstruct(probabilities, prepared, config.foreground_class, runtime=runtime, threshold=threshold)
+    mask = probability >= threshold
     labels, count = ndi.label(mask)
     if count == 0:
         raise InputDataError(f"the Raidionics brain model ({model_folder.name}) found no brain in the image", image)
