@@ -75,9 +75,16 @@ def init_participant_wf(
                               use_mirroring=use_mirroring, trust_checkpoint=trust_checkpoint,
                               first_fold_only=fast, precision=precision, nnunet_engine=nnunet_engine),
                       name="segment", mem_gb=4, n_procs=omp_nthreads)
+    # Published Raidionics models get what the official pipeline feeds them: the registered scans, not skull-stripped
+    # (their pre_processing.ini crops with the brain mask where it says so); other models get the skull-stripped
+    # channels they were trained on.
+    unstripped = card.architecture == "raidionics" and card.details.get("input_images") == "registered"
+    segment_sources = [(inputnode, role) if unstripped and role == "postop_t1ce"
+                       else (channels_wf, f"outputnode.{role}_registered") if unstripped and role in REGISTRATION_KIND
+                       else (channels_wf, f"outputnode.{role}") for role in used]
     workflow.connect([
         (inputnode, channels_wf, [(f"{role}", f"inputnode.{role}") for role in used]),
-        (channels_wf, segment, [(f"outputnode.{role}", role) for role in used]),
+        *[(node, segment, [(field, role)]) for (node, field), role in zip(segment_sources, used, strict=True)],
         (channels_wf, segment, [("outputnode.brain_mask", "brain_mask")]),
         (channels_wf, figures, [(f"outputnode.{role}_registered", role) for role in used
                                 if role in REGISTRATION_KIND]),
