@@ -102,9 +102,10 @@ def test_compare_masks_volumes_in_ml():
     a, b = single((1, 1, 1)), blobs(3, 2)
     m = compare_masks(a, b, SPACING)
     voxel_ml = np.prod(SPACING) / 1000
-    assert m.predicted_volume_ml == pytest.approx(voxel_ml)
-    assert m.true_volume_ml == pytest.approx(b.sum() * voxel_ml)
-    assert m.volume_error_ml == pytest.approx(voxel_ml - b.sum() * voxel_ml)
+    # volumes are rounded to 1e-6 ml (1 nl) before any comparison with the GTR cut-off
+    assert m.predicted_volume_ml == round(voxel_ml, 6)
+    assert m.true_volume_ml == round(b.sum() * voxel_ml, 6)
+    assert m.volume_error_ml == pytest.approx(voxel_ml - b.sum() * voxel_ml, abs=1e-6)
     assert m.hd95_mm.value == pytest.approx(medpy_binary.hd95(a, b, voxelspacing=SPACING), abs=1e-6)
 
 
@@ -134,3 +135,52 @@ def test_value_holds_a_number_or_a_reason():
         Value(1.0, "why")
     with pytest.raises(ValueError, match="Dice"):
         jaccard_from_dice(1.5)
+
+
+# --- volumes: |det(affine)| per voxel, rounded to 1e-6 ml before the GTR cut-off ------------------------------
+
+def _tilted(deg: float) -> np.ndarray:
+    t = np.deg2rad(deg)
+    affine = np.eye(4)
+    affine[:3, :3] = [[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]]
+    return affine
+
+
+def test_175_voxels_of_1mm_on_a_tilted_grid_are_residual_tumour():
+    from bids_postop.core.postprocess import classify_resection, postprocess_probability, volume_ml
+
+    affine = _tilted(7.0)
+    mask = np.zeros((20, 20, 20), bool)
+    mask[2:9, 2:7, 2:7] = True  # 7 × 5 × 5 = 175 voxels of 1 mm³
+    raw = 175 * float(np.prod(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))) / 1000  # column norms, float32-ish
+    assert abs(np.linalg.det(affine[:3, :3]) - 1.0) < 1e-12
+    assert volume_ml(mask, affine) == 0.175 and classify_resection(volume_ml(mask, affine)) == "RT"
+    assert raw == pytest.approx(0.175, abs=1e-9)
+    # the float32 affine nibabel hands out (what the issue measured: 0.1749999962 ml) is rounded the same way
+    f32 = affine.astype(np.float32).astype(np.float64)
+    assert 175 * abs(np.linalg.det(f32[:3, :3])) / 1000 != 0.175
+    assert volume_ml(mask, f32) == 0.175
+    rt = sum(classify_resection(volume_ml(mask, _tilted(d).astype(np.float32).astype(np.float64))) == "RT"
+             for d in range(360))
+    assert rt == 360
+    _, measures = postprocess_probability(mask.astype(np.float32), f32, threshold=0.5)
+    assert measures.residual_volume_ml == 0.175 and measures.resection_status == "RT"
+
+
+def test_a_sheared_affine_volume_uses_the_determinant():
+    from bids_postop.core.postprocess import voxel_volume_mm3, volume_ml
+
+    affine = np.diag([0.5, 0.5, 2.0, 1.0])
+    affine[0, 2] = 1.5  # shear: the third column is not orthogonal to the first
+    norms = np.prod(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    assert voxel_volume_mm3(affine) == pytest.approx(0.5 * 0.5 * 2.0)
+    assert norms > voxel_volume_mm3(affine) * 1.2  # the column norms would overstate it by 25 %
+    mask = np.zeros((10, 10, 10), bool)
+    mask[:4, :5, :6] = True
+    assert volume_ml(mask, affine) == round(120 * 0.5 / 1000, 6)
+    assert volume_ml(mask, 0.5) == volume_ml(mask, affine[:3, :3]) == volume_ml(mask, affine)
+    # the group level measures a sheared grid the same way
+    m = compare_masks(mask, mask, (0.5, 0.5, 2.0), grid=affine)
+    assert m.true_volume_ml == m.predicted_volume_ml == 0.06
+    with pytest.raises(ValueError, match="affine"):
+        voxel_volume_mm3(np.ones((2, 5)))

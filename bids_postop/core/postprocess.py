@@ -1,8 +1,9 @@
 """Post-processing of a residual-tumour probability map, and the measures derived from the mask.
 
 SPEC.md, steps 5–6: binarise at the model's threshold, remove connected components smaller than 20
-voxels, residual volume in ml, gross total resection (GTR) below 0.175 ml, residual tumour (RT) at or
-above it, and the extent of resection when the pre-operative tumour volume is known.
+voxels, residual volume in ml (voxel count × |det(affine)| / 1000, rounded to 1e-6 ml), gross total
+resection (GTR) below 0.175 ml, residual tumour (RT) at or above it, and the extent of resection when the
+pre-operative tumour volume is known.
 """
 
 from __future__ import annotations
@@ -42,9 +43,36 @@ def remove_small_components(mask: np.ndarray, *, min_voxels: int = MIN_COMPONENT
     return kept[1:-1, 1:-1, 1:-1].astype(bool)
 
 
-def volume_ml(mask: np.ndarray, voxel_sizes_mm: tuple[float, float, float]) -> float:
-    """Volume in ml: voxel count × product of voxel sizes (mm³) / 1000."""
-    return float(np.count_nonzero(mask)) * float(np.prod(voxel_sizes_mm)) / 1000.0
+VOLUME_DECIMALS = 6  # volumes are rounded to 1e-6 ml (1 nl), before any comparison with the GTR cut-off
+
+# What ``volume_ml`` and ``postprocess_probability`` take for the grid: the image's affine (4×4, or its 3×3
+# part), the voxel volume in mm³, or (older callers) the three voxel sizes in mm.
+Grid = np.ndarray | float | tuple[float, float, float] | list[float]
+
+
+def voxel_volume_mm3(grid: Grid) -> float:
+    """Volume of one voxel in mm³: ``|det(affine[:3, :3])|`` for an affine (right for oblique and sheared
+    grids, where the product of the column norms is not), the number itself for a voxel volume, the product
+    for three voxel sizes."""
+    arr = np.asarray(grid, dtype=np.float64)
+    if arr.ndim == 0:
+        return float(abs(arr))
+    if arr.shape in ((4, 4), (3, 3)):
+        return float(abs(np.linalg.det(arr[:3, :3])))
+    if arr.shape == (3,):
+        return float(abs(np.prod(arr)))
+    raise ValueError(f"expected an affine (4x4 or 3x3), a voxel volume (mm3) or three voxel sizes (mm); got an "
+                     f"array of shape {arr.shape}")
+
+
+def volume_ml(mask: np.ndarray, grid: Grid) -> float:
+    """Volume in ml: voxel count × voxel volume (mm³, ``|det(affine)|``) / 1000, rounded to 1e-6 ml.
+
+    ``grid`` is the mask's affine (preferred), its voxel volume in mm³, or its three voxel sizes. The
+    rounding makes the GTR/RT decision independent of floating-point noise: on a grid tilted by 7°, 175
+    voxels of 1 mm³ are 0.175 ml (RT), not 0.17499999 ml (GTR).
+    """
+    return round(float(np.count_nonzero(mask)) * voxel_volume_mm3(grid) / 1000.0, VOLUME_DECIMALS)
 
 
 def classify_resection(residual_ml: float, *, cutoff_ml: float = GTR_CUTOFF_ML,
@@ -99,25 +127,26 @@ class ResidualMeasures:
         return asdict(self)
 
 
-def postprocess_probability(probability: np.ndarray, voxel_sizes_mm: tuple[float, float, float], *,
+def postprocess_probability(probability: np.ndarray, grid: Grid, *,
                             threshold: float, min_component_voxels: int = MIN_COMPONENT_VOXELS,
                             cutoff_ml: float = GTR_CUTOFF_ML, gtr_inclusive: bool = False,
                             preop_volume_ml: float | None = None) -> tuple[np.ndarray, ResidualMeasures]:
     """Threshold, remove specks, measure and classify.
 
     ``probability`` is the residual-tumour probability on the post-op T1w-CE grid, shape (x, y, z);
-    ``voxel_sizes_mm`` are that grid's voxel sizes. Returns the uint8 residual mask (same shape) and
-    the measures.
+    ``grid`` is that grid's affine (or its voxel volume in mm³, or its voxel sizes: :func:`volume_ml`).
+    Returns the uint8 residual mask (same shape) and the measures.
     """
     above = binarize(probability, threshold)
     kept = remove_small_components(above, min_voxels=min_component_voxels)
     n_before, n_after = _count_components(above), _count_components(kept)
-    residual = volume_ml(kept, voxel_sizes_mm)
+    residual = volume_ml(kept, grid)
     notes = []
-    smallest_kept_ml = min_component_voxels * float(np.prod(voxel_sizes_mm)) / 1000.0
+    voxel_mm3 = voxel_volume_mm3(grid)
+    smallest_kept_ml = min_component_voxels * voxel_mm3 / 1000.0
     if min_component_voxels > 1 and smallest_kept_ml >= cutoff_ml:
         # coarse voxels: the speck filter alone can turn a residual above the GTR cut-off into "GTR"
-        notes.append(f"voxels of {np.prod(voxel_sizes_mm):.2f} mm3: components under {min_component_voxels} voxels "
+        notes.append(f"voxels of {voxel_mm3:.2f} mm3: components under {min_component_voxels} voxels "
                      f"({smallest_kept_ml:.3f} ml) are removed, which is at or above the GTR cut-off of "
                      f"{cutoff_ml} ml; GTR calls on this grid are unreliable")
     measures = ResidualMeasures(

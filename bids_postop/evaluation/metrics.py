@@ -153,14 +153,20 @@ class PairMetrics:
         return self.predicted_volume_ml - self.true_volume_ml
 
 
-def compare_masks(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float]) -> PairMetrics:
-    """Volumes (ml), Dice and HD95 of ``prediction`` against ``reference`` (same shape; ``spacing`` in mm)."""
+def compare_masks(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float], *,
+                  grid: np.ndarray | float | None = None) -> PairMetrics:
+    """Volumes (ml), Dice and HD95 of ``prediction`` against ``reference`` (same shape; ``spacing`` in mm).
+
+    ``grid``: the masks' affine (volumes use ``|det(affine)|`` per voxel: right on sheared grids) or voxel
+    volume in mm³; default the product of ``spacing``. Volumes are rounded to 1e-6 ml
+    (:func:`bids_postop.core.postprocess.volume_ml`).
+    """
     a, b = _check(prediction, reference, spacing)
-    sizes = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+    voxel = grid if grid is not None else (float(spacing[0]), float(spacing[1]), float(spacing[2]))
     d = dice(a, b)
     return PairMetrics(
-        predicted_volume_ml=volume_ml(a, sizes),
-        true_volume_ml=volume_ml(b, sizes),
+        predicted_volume_ml=volume_ml(a, voxel),
+        true_volume_ml=volume_ml(b, voxel),
         dice=Value(d) if d is not None else Value(None, f"Dice undefined: {BOTH_EMPTY}"),
         hd95_mm=hd95(a, b, spacing),
     )
