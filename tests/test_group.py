@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import write_nifti
 
-from bids_postop.bids.derivatives import SessionOutputs, summary_row
+from bids_postop.bids.derivatives import summary_row
 from bids_postop.core.postprocess import classify_resection, volume_ml
 from bids_postop.errors import UsageError
 from bids_postop.group import run_group_level
@@ -43,15 +44,28 @@ COHORT = {
 }
 
 
-def write_outputs(root: Path, model: str, predictions: dict[str, np.ndarray]) -> Path:
+def write_outputs(root: Path, model: str, predictions: dict[str, np.ndarray], *, architecture: str | None = None,
+                  json_sidecar: bool = True) -> Path:
+    """Participant-level outputs as bids_postop writes them (measures TSV + JSON with the model card), or as an
+    older version did (TSV only: ``json_sidecar=False``)."""
+    desc = "".join(ch for ch in model if ch.isalnum()) if json_sidecar else "residual"
     for label, pred in predictions.items():
         site = COHORT[label][0]
-        out = SessionOutputs.for_source(root, Path(f"sub-{label}_ses-postop_ce-gd_T1w.nii.gz"), label, "postop")
-        write_nifti(out.residual_mask, pred.astype(np.uint8), AFFINE)
+        session = root / f"sub-{label}" / "ses-postop"
+        mask = session / "anat" / f"sub-{label}_ses-postop_ce-gd_label-tumor_desc-{desc}_mask.nii.gz"
+        measures = session / f"sub-{label}_ses-postop_desc-{desc}_measures.tsv"
+        write_nifti(mask, pred.astype(np.uint8), AFFINE)
         ml = volume_ml(pred, SPACING)
-        out.measures_tsv.write_text(summary_row({
+        measures.write_text(summary_row({
             "participant_id": f"sub-{label}", "session_id": "ses-postop", "site": site if label != "04" else None,
             "config": "B", "model": model, "residual_volume_ml": ml, "resection_status": classify_resection(ml)}))
+        if json_sidecar:
+            measures.with_suffix(".json").write_text(json.dumps({
+                "participant_id": f"sub-{label}", "session_id": "ses-postop",
+                "model": {"name": model, "architecture": architecture, "configuration": "B", "threshold": 0.5},
+                "measures": {"gtr_cutoff_ml": 0.175, "gtr_rule": "GTR if residual < 0.175 ml",
+                             "min_component_voxels": 20},
+                "outputs": {"residual_mask": mask.relative_to(root).as_posix()}}))
     return root
 
 
@@ -61,7 +75,7 @@ def write_manual(root: Path, masks: dict[str, np.ndarray], *, desc: str | None =
                                                                 "DatasetType": "derivative"}))
     for label, mask in masks.items():
         shape_affine = (mask, AFFINE) if label != "06" or not off_grid else (np.zeros((20, 20, 10), np.uint8), AFFINE)
-        name = f"sub-{label}_ses-postop{f'_desc-{desc}' if desc else ''}_label-tumor_mask.nii.gz"
+        name = f"sub-{label}_ses-postop_label-tumor{f'_desc-{desc}' if desc else ''}_mask.nii.gz"  # BIDS order
         write_nifti(root / f"sub-{label}" / "ses-postop" / "anat" / name, *shape_affine)
     return root
 
@@ -80,8 +94,10 @@ def cohort(tmp_path_factory):
         f"sub-{k}\t{v[0]}\n" for k, v in COHORT.items()))
     (tmp / "folds.tsv").write_text("participant_id\tfold\n" + "".join(f"sub-{k}\t{v[1]}\n" for k, v in COHORT.items()))
     (tmp / "groups.tsv").write_text("rater\tgroup\nmanual\texpert\nr2\tnovice\n")
-    out = write_outputs(tmp / "out", "nnunet-B", {k: v[3] for k, v in COHORT.items()})
-    agu = write_outputs(tmp / "agunet", "MRI_GBM_Postop_FV_2p", {k: v[2] for k, v in COHORT.items() if k < "06"})
+    # model names that say nothing of the architecture: it comes from the model cards
+    out = write_outputs(tmp / "out", "first-model", {k: v[3] for k, v in COHORT.items()}, architecture="nnunet")
+    agu = write_outputs(tmp / "agunet", "second-model", {k: v[2] for k, v in COHORT.items() if k < "06"},
+                        architecture="raidionics")
     truth = {k: v[2] for k, v in COHORT.items() if v[2] is not None}
     manual = write_manual(bids / "derivatives" / "manual", truth)
     rater2 = write_manual(tmp / "rater2", {k: np.roll(v, 1, axis=1) for k, v in truth.items()}, desc="r2",
@@ -130,8 +146,11 @@ def test_patient_rows(cohort):
     truth, pred = COHORT["01"][2], COHORT["01"][3]
     assert float(rows["sub-01"]["dice"]) == pytest.approx(medpy_binary.dc(pred, truth), abs=1e-9)
     assert float(rows["sub-01"]["hd95_mm"]) == pytest.approx(medpy_binary.hd95(pred, truth, SPACING), abs=1e-6)
-    assert rows["sub-02"]["dice"] == "" and rows["sub-02"]["dice_undefined_reason"]
-    assert rows["sub-03"]["dice"] == "0" and rows["sub-03"]["hd95_mm"] == "" and rows["sub-03"]["hd95_undefined_reason"]
+    assert rows["sub-02"]["dice"] == "n/a" and rows["sub-02"]["dice_undefined_reason"] != "n/a"
+    assert rows["sub-03"]["dice"] == "0" and rows["sub-03"]["hd95_mm"] == "n/a"
+    assert rows["sub-03"]["hd95_undefined_reason"] != "n/a"
+    assert rows["sub-01"]["architecture"] == "nnU-Net" and rows["sub-01"]["set"] == "validation"
+    assert rows["sub-01"]["gtr_rule_source"] == "participant"
     assert float(rows["sub-05"]["true_volume_ml"]) == 0.175 and rows["sub-05"]["true_status"] == "RT"
     assert rows["sub-01"]["reference_rater"] == "manual"
 
@@ -147,7 +166,7 @@ def test_overall_site_and_fold_numbers(cohort):
     assert main["hd95_P_n_undefined"] == "1"
     assert float(main["recall"]) == pytest.approx(2 / 3) and float(main["specificity"]) == pytest.approx(1 / 2)
     assert float(main["balanced_accuracy"]) == pytest.approx((2 / 3 + 1 / 2) / 2)
-    assert main["recall_ci_low"] == "" or float(main["recall_ci_low"]) <= 2 / 3
+    assert main["recall_ci_low"] == "n/a" or float(main["recall_ci_low"]) <= 2 / 3
     agu = overall["agunet"]
     assert (agu["TP"], agu["TN"], agu["FP"], agu["FN"]) == ("3", "2", "0", "0")
     assert agu["recall_ci_reason"]  # every positive found: degenerate bootstrap, said so
@@ -173,20 +192,55 @@ def test_raters_and_tests(cohort):
     assert [(r["participant_id"], r["annotator"]) for r in errors] == [("sub-06", "r2")]
     assert "not on the grid" in errors[0]["reason"]
     tests = read_tsv(cohort["out"] / "group" / "tests.tsv")
-    kinds = {(t["test"], t["metric"]) for t in tests}
-    assert ("Tukey HSD", "Dice on P, between datasets") in kinds
-    assert ("Mann-Whitney U (two-sided)", "Dice on P, between architectures") in kinds
+    # one configuration per architecture (from the model cards, not the names): no Tukey; the architectures'
+    # best configurations compared on the validation set, as no test patient was evaluated
+    assert not [t for t in tests if t["test"] == "Tukey HSD"]
+    (mw,) = [t for t in tests if t["test"] == "Mann-Whitney U (two-sided)" and t["compares"].startswith("best")]
+    assert {mw["group_a"], mw["group_b"]} == {"nnU-Net B (first-model)", "AGU-Net B (second-model)"}
+    assert mw["scope"].startswith("validation set") and mw["origin"] == "paper"
     groups = {t["group_b"] for t in tests if t["metric"] == "Jaccard vs reference"}
-    assert {"rater:r2", "group:novice", "all raters"} <= groups
+    assert {"rater:r2", "group:novice (per-patient average)", "all raters (per-patient average)"} <= groups
 
 
-def test_inclusive_rule_and_no_manual(cohort, tmp_path):
+def test_cutoff_rules_own_reclassified_mixed_and_no_manual(cohort, tmp_path):
     out = tmp_path / "out"
     write_outputs(out, "nnunet-B", {"05": EDGE})
     manual = write_manual(tmp_path / "manual", {"05": EDGE})
+    # each participant's own rule (< 0.175 ml) unless asked to re-classify
     run_group_level(out, bids_dir=cohort["bids"], manual={"manual": manual}, gtr_inclusive=True, n_bootstrap=0)
     row = read_tsv(out / "group" / "patients.tsv")[0]
-    assert row["outcome"] == "TN" and row["true_status"] == "GTR"
+    assert (row["outcome"], row["true_status"], row["gtr_rule_source"]) == ("TP", "RT", "participant")
+    assert "GTR if residual < 0.175 ml, else RT (1 session(s))" in json.loads(
+        (out / "group_summary.json").read_text())["resection_status"]["Description"]
+    run_group_level(out, bids_dir=cohort["bids"], manual={"manual": manual}, gtr_inclusive=True, reclassify=True,
+                    n_bootstrap=0)
+    row = read_tsv(out / "group" / "patients.tsv")[0]
+    assert (row["outcome"], row["true_status"], row["gtr_inclusive"]) == ("TN", "GTR", "true")
+    assert "--reclassify" in (out / "group_report.html").read_text()
+    # a cohort whose participants used different cut-offs is flagged
+    mixed = tmp_path / "mixed"
+    write_outputs(mixed, "nnunet-B", {"01": BIG, "05": EDGE})
+    tsv = next(mixed.glob("sub-01/ses-postop/*_measures.tsv"))
+    tsv.write_text(tsv.read_text().replace("\t0.175\t", "\t0.2\t"))
+    sidecar = tsv.with_suffix(".json")
+    data = json.loads(sidecar.read_text())
+    data["measures"]["gtr_cutoff_ml"] = 0.2
+    sidecar.write_text(json.dumps(data))
+    run_group_level(mixed, bids_dir=cohort["bids"], n_bootstrap=0)
+    statement = json.loads((mixed / "group_summary.json").read_text())["resection_status"]["Description"]
+    assert "MIXED SETTINGS" in statement and "< 0.2 ml" in statement
+    assert "mixed GTR cut-off settings" in (mixed / "group_report.html").read_text()
+    # outputs of an older version (no measures JSON, desc-residual names, empty cells): read, with notes
+    old = tmp_path / "old"
+    write_outputs(old, "nnunet-B", {"01": BIG}, json_sidecar=False)
+    tsv = next(old.glob("sub-01/ses-postop/*_desc-residual_measures.tsv"))
+    tsv.write_text(tsv.read_text().replace("n/a", ""))
+    run_group_level(old, bids_dir=cohort["bids"], manual={"manual": cohort["manual"]}, n_bootstrap=0)
+    row = read_tsv(old / "group" / "patients.tsv")[0]
+    assert row["status"] == "ok" and row["architecture"] == "unknown" and row["gtr_rule_source"].startswith("group")
+    summary = read_tsv(old / "group_summary.tsv")[0]
+    assert summary["preop_volume_ml"] == "n/a" and summary["eor_percent"] == "n/a"
+    assert "no measures JSON" in (old / "group_report.html").read_text()
     assert not (out / "group" / "raters.tsv").exists()  # one rater: no inter-rater study
     only = tmp_path / "only"
     write_outputs(only, "nnunet-B", {"01": BIG})
@@ -215,6 +269,37 @@ def test_raters_from_desc_entities_and_from_datasets(tmp_path):
         read_folds(folds, tmp_path)
 
 
+def test_rater_masks_are_found_by_their_bids_entities_and_the_dataset_is_valid(tmp_path):
+    """The README's naming of a two-rater manual dataset passes the BIDS validator, and the group level finds both
+    raters (label-tumor before desc); the older order _desc-<rater>_label-tumor is read with a deprecation note."""
+    from conftest import require_tool
+
+    from bids_postop.group.collect import collect_annotations
+
+    manual = tmp_path / "manual"
+    write_manual(manual, {"01": BIG, "02": EMPTY}, desc="rater1")
+    write_manual(manual, {"01": np.roll(BIG, 1, 0), "02": EMPTY}, desc="rater2")
+    (manual / "dataset_description.json").write_text(json.dumps({
+        "Name": "manual residual tumour masks", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "Manual"}]}))
+    for mask in manual.rglob("*_mask.nii.gz"):
+        mask.with_name(mask.name.replace(".nii.gz", ".json")).write_text(json.dumps({"Type": "Lesion"}))
+    exe = require_tool("bids-validator-deno")
+    proc = subprocess.run([exe, str(manual), "--json", "--datasetTypes", "derivative"], capture_output=True,
+                          text=True, timeout=300)
+    errors = [i for i in json.loads(proc.stdout)["issues"]["issues"] if i["severity"] == "error"]
+    assert not errors, errors[:5]
+    notes: list[str] = []
+    found, default = collect_annotations({"manual": manual}, notes=notes)
+    assert sorted(found[("01", "postop")]) == ["rater1", "rater2"] and default is None and not notes
+    old = manual / "sub-02" / "ses-postop" / "anat"
+    (old / "sub-02_ses-postop_label-tumor_desc-rater2_mask.nii.gz").rename(
+        old / "sub-02_ses-postop_desc-rater2_label-tumor_mask.nii.gz")
+    found, _ = collect_annotations({"manual": manual}, notes=notes)
+    assert sorted(found[("02", "postop")]) == ["rater1", "rater2"]
+    assert len(notes) == 1 and "deprecated" in notes[0]
+
+
 def test_report_without_matplotlib_still_writes_the_html(tmp_path, monkeypatch):
     from bids_postop.group.report import GroupResults, write_report
 
@@ -223,3 +308,26 @@ def test_report_without_matplotlib_still_writes_the_html(tmp_path, monkeypatch):
     written = write_report(tmp_path, results)
     assert written == [tmp_path / "group_report.html"]
     assert "figures skipped" in written[0].read_text()
+
+
+def test_tilted_grid_175_voxels_are_rt_at_the_group_level(tmp_path):
+    """On a grid tilted by 7° (affine stored as float32 in the NIfTI header), 175 voxels of 1 mm³ are 0.175 ml:
+    residual tumour for the prediction and the reference alike."""
+    t = np.deg2rad(7.0)
+    affine = np.eye(4)
+    affine[:3, :3] = [[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]]
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[2:9, 2:7, 2:7] = 1
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    out = tmp_path / "out"
+    session = out / "sub-01" / "ses-postop"
+    write_nifti(session / "anat" / "sub-01_ses-postop_label-tumor_desc-m_mask.nii.gz", mask, affine)
+    (session / "sub-01_ses-postop_desc-m_measures.tsv").write_text(summary_row({
+        "participant_id": "sub-01", "session_id": "ses-postop", "model": "m", "residual_volume_ml": 0.175}))
+    manual = tmp_path / "manual"
+    write_nifti(manual / "sub-01" / "ses-postop" / "anat" / "sub-01_ses-postop_label-tumor_mask.nii.gz", mask, affine)
+    run_group_level(out, bids_dir=bids, manual={"manual": manual}, n_bootstrap=0)
+    (row,) = read_tsv(out / "group" / "patients.tsv")
+    assert (row["true_volume_ml"], row["predicted_volume_ml"]) == ("0.175", "0.175")
+    assert (row["true_status"], row["predicted_status"], row["outcome"]) == ("RT", "RT", "TP")

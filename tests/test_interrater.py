@@ -87,21 +87,37 @@ def test_read_rater_groups(tmp_path):
         read_rater_groups(tsv)
 
 
-def test_model_against_each_rater_each_group_and_all():
+def test_model_against_each_rater_and_each_groups_per_patient_average_over_positive_patients():
     rng = np.random.default_rng(0)
     groups = {"ref": "reference", "n1": "novice", "n2": "novice", "e1": "expert"}
     rows = []
     for patient in range(12):
+        positive = patient < 9  # three reference-negative patients: left out by default
         for name, kind in [("n1", "rater"), ("n2", "rater"), ("e1", "rater"), ("ref", "rater"), ("m", "model")]:
-            rows.append({"participant_id": f"sub-{patient}", "annotator": name, "kind": kind, "target": "consensus",
-                         "jaccard": float(rng.uniform(0.2, 0.9))})
+            rows.append({"participant_id": f"sub-{patient}", "session_id": None, "annotator": name, "kind": kind,
+                         "target": "consensus", "reference_positive": positive,
+                         "jaccard": float(rng.uniform(0.2, 0.9)) if positive or name != "m" else 0.0})
     tests = compare_models_with_raters(rows, groups, reference="ref")
-    labels = {t.group_b for t in tests}
-    assert labels == {"rater:n1", "rater:n2", "rater:e1", "rater:ref", "group:novice", "group:expert", "all raters"}
-    model = [r["jaccard"] for r in rows if r["annotator"] == "m"]
-    novices = [r["jaccard"] for r in rows if r["annotator"] in ("n1", "n2")]
-    every = [r["jaccard"] for r in rows if r["annotator"] in ("n1", "n2", "e1")]  # reference left out
     by = {t.group_b: t for t in tests}
-    assert by["group:novice"].p_value == pytest.approx(stats.mannwhitneyu(model, novices).pvalue)
-    assert by["all raters"].n_b == len(every) == 36
-    assert by["all raters"].metric == "Jaccard vs consensus"
+    assert set(by) == {"rater:n1", "rater:n2", "rater:e1", "rater:ref", "group:expert (per-patient average)",
+                       "group:novice (per-patient average)", "all raters (per-patient average)"}
+    pos = [r for r in rows if r["reference_positive"]]
+    model = [r["jaccard"] for r in pos if r["annotator"] == "m"]
+    assert len(model) == 9
+    # a group is one value per patient: the mean of its raters' Jaccard for that patient
+    novice = [np.mean([r["jaccard"] for r in pos if r["participant_id"] == f"sub-{k}"
+                       and r["annotator"] in ("n1", "n2")]) for k in range(9)]
+    every = [np.mean([r["jaccard"] for r in pos if r["participant_id"] == f"sub-{k}"
+                      and r["annotator"] in ("n1", "n2", "e1")]) for k in range(9)]  # reference left out
+    assert by["group:novice (per-patient average)"].p_value == pytest.approx(stats.mannwhitneyu(model, novice).pvalue)
+    assert by["all raters (per-patient average)"].n_b == 9
+    assert by["all raters (per-patient average)"].p_value == pytest.approx(stats.mannwhitneyu(model, every).pvalue)
+    assert by["rater:n1"].p_value == pytest.approx(stats.mannwhitneyu(
+        model, [r["jaccard"] for r in pos if r["annotator"] == "n1"]).pvalue)
+    assert all(t.metric == "Jaccard vs consensus" and t.scope == "reference-positive patients" for t in tests)
+    # every patient on request: the negatives' zeros come in
+    everyone = {t.group_b: t for t in compare_models_with_raters(rows, groups, reference="ref", positive_only=False)}
+    assert everyone["rater:n1"].n_a == 12
+    summary = {(s["annotator"], s["kind"]): s for s in summarize(rows, groups, reference="ref")}
+    assert summary[("m", "model")]["n"] == 9
+    assert summary[("group:novice", "rater group average")]["jaccard_mean"] == pytest.approx(np.mean(novice))

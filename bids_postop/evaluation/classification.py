@@ -11,8 +11,10 @@ including the ``gtr_inclusive`` rule of the study's code). Outcomes:
 - FP: truth negative and prediction positive.
 
 Confidence intervals are BCa bootstrap intervals (``scipy.stats.bootstrap``), resampling patients within
-the truth-positive group for sensitivity, within the truth-negative group for specificity, and within both
-groups independently (stratified) for balanced accuracy, so that every resample has a defined score.
+the truth-positive group for sensitivity, within the truth-negative group for specificity, within both
+groups independently (stratified) for balanced accuracy, and within the TP/FP patients for precision, so that
+every resample has a defined score. Each score's resampling starts from its own generator
+``numpy.random.default_rng(seed)``: every interval can be reproduced alone with ``scipy.stats.bootstrap``.
 """
 
 from __future__ import annotations
@@ -140,19 +142,23 @@ def _bca(samples: Sequence[np.ndarray], label: str, *, n_resamples: int, confide
 
 def bootstrap_scores(outcomes: Sequence[Outcome], *, n_resamples: int = 2000, confidence: float = 0.95,
                      seed: int = 0) -> dict[str, Interval]:
-    """BCa intervals for ``recall`` (sensitivity), ``specificity`` and ``balanced_accuracy``.
+    """BCa intervals for ``recall`` (sensitivity), ``specificity``, ``balanced_accuracy`` and ``precision``.
 
     Sensitivity resamples the truth-positive patients (TP/FN), specificity the truth-negative ones
-    (TN/FP), balanced accuracy both groups independently, ``n_resamples`` times with a generator seeded
-    by ``seed`` (results are reproducible).
+    (TN/FP), balanced accuracy both groups independently, precision the TP/FP patients, ``n_resamples``
+    times, each with a fresh generator ``numpy.random.default_rng(seed)`` (results are reproducible).
     """
     Counts.of(outcomes)  # validates labels
     hits = np.array([o == "TP" for o in outcomes if o in ("TP", "FN")], dtype=float)
     rejections = np.array([o == "TN" for o in outcomes if o in ("TN", "FP")], dtype=float)
-    rng = np.random.default_rng(seed)
-    common = {"n_resamples": n_resamples, "confidence": confidence, "rng": rng}
+    called = np.array([o == "TP" for o in outcomes if o in ("TP", "FP")], dtype=float)
+
+    def bca(samples: list[np.ndarray], label: str) -> Interval:
+        return _bca(samples, label, n_resamples=n_resamples, confidence=confidence, rng=np.random.default_rng(seed))
+
     return {
-        "recall": _bca([hits], "sensitivity", **common),
-        "specificity": _bca([rejections], "specificity", **common),
-        "balanced_accuracy": _bca([hits, rejections], "balanced accuracy", **common),
+        "recall": bca([hits], "sensitivity"),
+        "specificity": bca([rejections], "specificity"),
+        "balanced_accuracy": bca([hits, rejections], "balanced accuracy"),
+        "precision": bca([called], "precision"),
     }

@@ -10,14 +10,19 @@ Definitions written into the outputs:
 - Jaccard J = D / (2 − D) from Dice; undefined (left out of means and tests, and counted) when both masks
   are empty;
 - the reference is not scored against itself;
-- pooled rater groups (``novice``, ``expert``, any other group of the rater-groups TSV, and ``all``) leave
-  the reference annotation out.
+- scores are reported over *positive* patients by default (residual tumour in the reference annotation: its
+  volume at or above the GTR cut-off), as the paper reports them; ``positive_only=False`` keeps every patient;
+- rater groups (``novice``, ``expert``, any other group of the rater-groups TSV, and ``all raters``) leave
+  the reference annotation out; a group's score for a patient is the average over its raters who annotated
+  that patient (the paper's "average scores of the two annotator groups"), so that a model is compared with
+  one value per patient and group, not with every rater × patient value as if they were independent.
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -109,41 +114,85 @@ def score_patient(annotations: Mapping[str, np.ndarray], models: Mapping[str, np
     return rows, pool
 
 
-def summarize(rows: Iterable[Mapping], groups: Mapping[str, str]) -> list[dict]:
-    """Per annotator and target: n, undefined count, Jaccard mean ± sd and median."""
+def _patient(row: Mapping) -> tuple:
+    return row.get("participant_id"), row.get("session_id")
+
+
+def in_scope(rows: Iterable[Mapping], *, positive_only: bool = True) -> list[Mapping]:
+    """The rows to report: those of reference-positive patients (``reference_positive``), or all."""
+    return [r for r in rows if not positive_only or r.get("reference_positive") is True]
+
+
+def rater_groups(raters: Iterable[str], groups: Mapping[str, str], reference: str | None) -> dict[str, list[str]]:
+    """Group label → raters (``group:<name>`` for each assigned group, ``all raters``); the reference left out."""
+    pooled = sorted(r for r in set(raters) if r != reference)
+    by_group: dict[str, list[str]] = {}
+    for rater in pooled:
+        if groups.get(rater, "unassigned") != "unassigned":
+            by_group.setdefault(f"group:{groups[rater]}", []).append(rater)
+    if pooled:
+        by_group["all raters"] = pooled
+    return dict(sorted(by_group.items()))
+
+
+def group_averages(rows: Sequence[Mapping], members: Sequence[str]) -> dict[tuple, float]:
+    """Per patient: the mean Jaccard of the group's raters who have a defined score for that patient."""
+    per: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "rater" and r["annotator"] in members and r["jaccard"] is not None:
+            per.setdefault(_patient(r), []).append(float(r["jaccard"]))
+    return {k: float(np.mean(v)) for k, v in per.items()}
+
+
+def summarize(rows: Iterable[Mapping], groups: Mapping[str, str], *, reference: str | None = None,
+              positive_only: bool = True) -> list[dict]:
+    """Per annotator and target, and per rater group (per-patient group averages): n, undefined count, Jaccard
+    mean ± sd and median, over reference-positive patients (``positive_only``) or all."""
+    rows = in_scope(rows, positive_only=positive_only)
     keyed: dict[tuple[str, str, str], list[float | None]] = {}
     for row in rows:
         keyed.setdefault((row["target"], row["kind"], row["annotator"]), []).append(row["jaccard"])
+    scope = "reference-positive patients" if positive_only else "all patients"
     out = []
     for (target, kind, name), values in sorted(keyed.items()):
         mean, sd = mean_sd(values)
         n_defined = sum(v is not None for v in values)
         out.append({"target": target, "annotator": name, "kind": kind,
-                    "group": "model" if kind == "model" else groups.get(name, "unassigned"),
+                    "group": "model" if kind == "model" else groups.get(name, "unassigned"), "patients": scope,
                     "n": n_defined, "n_undefined": len(values) - n_defined, "jaccard_mean": mean, "jaccard_sd": sd,
                     "jaccard_median": median(values)})
+    for target in TARGETS:
+        at = [r for r in rows if r["target"] == target]
+        raters = {r["annotator"] for r in at if r["kind"] == "rater"}
+        for label, members in rater_groups(raters, groups, reference).items():
+            values = list(group_averages(at, members).values())
+            mean, sd = mean_sd(values)
+            out.append({"target": target, "annotator": label, "kind": "rater group average",
+                        "group": "+".join(members), "patients": scope, "n": len(values), "n_undefined": None,
+                        "jaccard_mean": mean, "jaccard_sd": sd, "jaccard_median": median(values)})
     return out
 
 
 def compare_models_with_raters(rows: Sequence[Mapping], groups: Mapping[str, str], *,
-                               reference: str | None) -> list[Comparison]:
-    """Mann-Whitney U of each model's Jaccard against each rater, each rater group and all raters, per target."""
+                               reference: str | None, positive_only: bool = True) -> list[Comparison]:
+    """Mann-Whitney U, per target, of each model's per-patient Jaccard against each rater's, and against each
+    rater group's per-patient averages (``all raters`` too), over reference-positive patients by default."""
+    rows = in_scope(rows, positive_only=positive_only)
+    scope = "reference-positive patients" if positive_only else "all patients"
     out: list[Comparison] = []
     for target in TARGETS:
         at = [r for r in rows if r["target"] == target]
         models = sorted({r["annotator"] for r in at if r["kind"] == "model"})
         raters = sorted({r["annotator"] for r in at if r["kind"] == "rater"})
-        pooled_raters = [r for r in raters if r != reference]
-        by_group: dict[str, list[str]] = {}
-        for rater in pooled_raters:
-            by_group.setdefault(groups.get(rater, "unassigned"), []).append(rater)
-        comparisons = [(f"rater:{r}", [r]) for r in raters]
-        comparisons += [(f"group:{g}", members) for g, members in sorted(by_group.items()) if g != "unassigned"]
-        comparisons += [("all raters", pooled_raters)] if pooled_raters else []
+        comparisons = [(f"rater:{rater}", [r["jaccard"] for r in at if r["kind"] == "rater"
+                                           and r["annotator"] == rater]) for rater in raters]
+        comparisons += [(f"{label} (per-patient average)", list(group_averages(at, members).values()))
+                        for label, members in rater_groups(raters, groups, reference).items()]
         for model in models:
             model_values = [r["jaccard"] for r in at if r["annotator"] == model and r["kind"] == "model"]
-            for label, members in comparisons:
-                values = [r["jaccard"] for r in at if r["kind"] == "rater" and r["annotator"] in members]
-                out.append(mann_whitney(model_values, values, name_a=f"model:{model}", name_b=label,
-                                        metric=f"Jaccard vs {target}"))
+            for label, values in comparisons:
+                test = mann_whitney(model_values, values, name_a=f"model:{model}", name_b=label,
+                                    metric=f"Jaccard vs {target}")
+                against = "a rater" if label.startswith("rater:") else "a rater group's per-patient average"
+                out.append(replace(test, compares=f"model against {against}", scope=scope, origin="paper"))
     return out

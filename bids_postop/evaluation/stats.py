@@ -7,7 +7,10 @@
 - mean ± sd (sample sd, ddof = 1) of defined values only, with the count of what was left out;
 - pooled estimates over folds as in the study's validation code: fold-size-weighted mean and the
   combined-sample sd for per-patient metrics (equal to mean and sd over all patients of those folds);
-- normal intervals from per-fold estimates: mean ± z · sd / √k over the k fold estimates.
+- normal intervals from per-fold estimates: mean ± z · sd / √k over the k fold estimates;
+- whether two confidence intervals overlap (the paper's significance judgement for classification scores);
+- additions for repeated measures on the same patients (not in the paper, labelled so): Wilcoxon signed-rank
+  (``scipy.stats.wilcoxon``, two-sided) and Friedman (``scipy.stats.friedmanchisquare``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ class Comparison:
     ci_high: float | None = None
     significant: bool | None = None
     reason: str | None = None
+    compares: str | None = None  # what is compared (e.g. "configurations of nnU-Net")
+    scope: str | None = None  # on which patients (e.g. "test set, patients of every compared model (n=12)")
+    origin: str | None = None  # "paper" (the study's analysis) or "addition" (not in the paper)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -147,3 +153,61 @@ def tukey_hsd(groups: Mapping[str, Sequence[float | None]], *, metric: str | Non
                                   ci_low=float(ci.low[i, j]), ci_high=float(ci.high[i, j]),
                                   significant=bool(p < alpha)))
     return out + skipped
+
+
+def labelled(comparisons: list[Comparison], **labels: str | None) -> list[Comparison]:
+    """The comparisons with ``compares``/``scope``/``origin`` set."""
+    from dataclasses import replace
+
+    return [replace(c, **labels) for c in comparisons]
+
+
+def intervals_overlap(name_a: str, a: tuple[float | None, float | None], name_b: str,
+                      b: tuple[float | None, float | None], *, metric: str, method: str, n_a: int = 0,
+                      n_b: int = 0) -> Comparison:
+    """Do two confidence intervals overlap? ``significant`` is True when they do not (the paper's rule)."""
+    base = {"test": f"{method} interval overlap", "group_a": name_a, "group_b": name_b, "n_a": n_a, "n_b": n_b,
+            "metric": metric}
+    if None in a or None in b:
+        return Comparison(**base, reason="an interval is undefined")
+    (lo_a, hi_a), (lo_b, hi_b) = a, b
+    overlap = min(hi_a, hi_b) - max(lo_a, lo_b)  # type: ignore[type-var,operator]
+    return Comparison(**base, statistic=float(overlap), estimate=float(overlap),
+                      estimate_name="overlap length (negative: gap between the intervals)",
+                      significant=bool(overlap < 0))
+
+
+def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float], *, name_a: str, name_b: str,
+                         metric: str | None = None, alpha: float = ALPHA) -> Comparison:
+    """Two-sided Wilcoxon signed-rank test of paired values (``a[i]`` and ``b[i]`` from the same patient).
+
+    ``estimate`` is the median of the differences a − b. Pairs with an undefined value are left out.
+    """
+    from scipy import stats
+
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if defined([x]) and defined([y])]
+    base = {"test": "Wilcoxon signed-rank (two-sided, paired)", "group_a": name_a, "group_b": name_b,
+            "n_a": len(pairs), "n_b": len(pairs), "metric": metric}
+    diffs = np.array([x - y for x, y in pairs], dtype=float)
+    if len(pairs) < 2 or not np.any(diffs != 0):
+        return Comparison(**base, reason="fewer than 2 pairs, or every difference is 0")
+    res = stats.wilcoxon([x for x, _ in pairs], [y for _, y in pairs], alternative="two-sided")
+    p = float(res.pvalue)
+    return Comparison(**base, statistic=float(res.statistic), p_value=p, estimate=float(np.median(diffs)),
+                      estimate_name="median of paired differences (a - b)", significant=bool(p < alpha))
+
+
+def friedman(groups: Mapping[str, Sequence[float]], *, metric: str | None = None,
+             alpha: float = ALPHA) -> Comparison:
+    """Friedman test of k ≥ 3 related groups (``groups[g][i]`` from patient i in every group)."""
+    from scipy import stats
+
+    names = list(groups)
+    n = len(next(iter(groups.values()))) if groups else 0
+    base = {"test": "Friedman (related groups)", "group_a": " vs ".join(names), "group_b": "", "n_a": n, "n_b": n,
+            "metric": metric}
+    if len(names) < 3 or n < 2:
+        return Comparison(**base, reason="needs at least 3 groups and 2 patients")
+    res = stats.friedmanchisquare(*[groups[g] for g in names])
+    p = float(res.pvalue)
+    return Comparison(**base, statistic=float(res.statistic), p_value=p, significant=bool(p < alpha))

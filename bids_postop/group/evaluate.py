@@ -7,7 +7,7 @@ of them (+1 voxel) before any metric, which changes no value (see :mod:`bids_pos
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +16,14 @@ import numpy as np
 
 from bids_postop.core.images import voxel_sizes
 from bids_postop.core.masks import mask_matches_image
-from bids_postop.core.postprocess import classify_resection
+from bids_postop.core.postprocess import classify_resection, volume_ml
 from bids_postop.evaluation.classification import is_positive, patient_outcome
 from bids_postop.evaluation.interrater import score_patient
 from bids_postop.evaluation.metrics import bounding_box, compare_masks
 from bids_postop.group.collect import Key, Prediction
+
+# prediction → (cut-off in ml, inclusive rule, where the rule came from)
+CutoffRule = Callable[[Prediction], tuple[float, bool, str]]
 
 
 class MaskError(Exception):
@@ -67,23 +70,29 @@ def _data(img: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
     return data > 0
 
 
-def _base(prediction: Prediction, fold: str) -> dict:
+def _base(prediction: Prediction, placement: tuple[str, str, str]) -> dict:
+    fold, set_, fold_source = placement
     return {"source": prediction.source, "participant_id": prediction.participant_id,
             "session_id": prediction.session_id, "site": prediction.row.get("site", ""), "fold": fold,
-            "config": prediction.row.get("config", ""), "model": prediction.row.get("model", "")}
+            "set": set_, "fold_source": fold_source, "architecture": prediction.architecture,
+            "config": prediction.configuration, "model": prediction.model_name}
 
 
 def evaluate_session(key: Key, predictions: Mapping[str, Prediction], annotations: Mapping[str, Path], *,
-                     reference: str, fold: str, cutoff_ml: float, gtr_inclusive: bool) -> SessionResult:
+                     reference: str, placement: Mapping[str, tuple[str, str, str]], cutoff_rule: CutoffRule,
+                     cutoff_ml: float, gtr_inclusive: bool) -> SessionResult:
     """Metrics of every prediction of one session against its reference annotation, and the inter-rater
-    scores (when at least two raters annotated it). ``predictions``: dataset name → prediction."""
+    scores (when at least two raters annotated it). ``predictions``: source → prediction; ``placement``:
+    source → (fold, set, fold source); ``cutoff_rule`` gives each prediction's GTR rule; ``cutoff_ml`` and
+    ``gtr_inclusive`` decide which patients are reference-positive in the inter-rater study."""
     result = SessionResult()
+    first = next(iter(predictions))
     session = {"participant_id": f"sub-{key[0]}", "session_id": f"ses-{key[1]}" if key[1] else None,
-               "fold": fold, "site": next(iter(predictions.values())).row.get("site", "")}
+               "fold": placement[first][0], "site": predictions[first].row.get("site", "")}
 
     def fail(prediction: Prediction, status: str, reason: str) -> None:
-        result.patients.append({**_base(prediction, fold), "status": status, "reason": reason,
-                                "reference_rater": reference})
+        result.patients.append({**_base(prediction, placement[prediction.source]), "status": status,
+                                "reason": reason, "reference_rater": reference})
 
     if not annotations:
         for p in predictions.values():
@@ -116,7 +125,8 @@ def evaluate_session(key: Key, predictions: Mapping[str, Prediction], annotation
     for source, p in predictions.items():
         try:
             if p.mask is None:
-                raise MaskError("no *_label-tumor_desc-residual_mask.nii.gz beside the measures TSV")
+                raise MaskError("no residual mask for this measures TSV (measures JSON 'outputs', or "
+                                "anat/*_label-tumor_desc-<desc>_mask.nii.gz beside it)")
             img = _header(p.mask)
             problem = _grid_problem(img, p.mask, grid, grid_path)
             if problem:
@@ -140,11 +150,13 @@ def evaluate_session(key: Key, predictions: Mapping[str, Prediction], annotation
             fail(p, "no_reference", problems.get(reference, f"no usable annotation by the reference rater "
                                                               f"'{reference}'"))
             continue
-        m = compare_masks(mask, truth, spacing)
+        m = compare_masks(mask, truth, spacing, grid=grid.affine)  # volumes: |det(affine)| per voxel
         dice = m.dice.value
-        kw = {"cutoff_ml": cutoff_ml, "gtr_inclusive": gtr_inclusive}
+        row_cutoff, row_inclusive, rule_source = cutoff_rule(p)
+        kw = {"cutoff_ml": row_cutoff, "gtr_inclusive": row_inclusive}
         result.patients.append({
-            **_base(p, fold), "status": "ok", "reason": None, "reference_rater": reference,
+            **_base(p, placement[source]), "status": "ok", "reason": None, "reference_rater": reference,
+            "gtr_cutoff_ml": row_cutoff, "gtr_inclusive": row_inclusive, "gtr_rule_source": rule_source,
             "predicted_volume_ml": m.predicted_volume_ml, "true_volume_ml": m.true_volume_ml,
             "volume_error_ml": m.volume_error_ml, "abs_volume_error_ml": abs(m.volume_error_ml),
             "dice": dice, "dice_undefined_reason": m.dice.reason, "hd95_mm": m.hd95_mm.value,
@@ -155,7 +167,9 @@ def evaluate_session(key: Key, predictions: Mapping[str, Prediction], annotation
             "in_P": is_positive(m.true_volume_ml, **kw)})
     if len(arrays) >= 2:
         rows, pool = score_patient(arrays, preds, reference=reference if reference in arrays else None)
+        positive = (is_positive(volume_ml(truth, grid.affine), cutoff_ml=cutoff_ml, gtr_inclusive=gtr_inclusive)
+                    if truth is not None else None)
         for row in rows:
-            result.raters.append({**session, **row, "status": "ok", "consensus_of": "+".join(pool)
-                                  if row["target"] == "consensus" else reference})
+            result.raters.append({**session, **row, "status": "ok", "reference_positive": positive,
+                                  "consensus_of": "+".join(pool) if row["target"] == "consensus" else reference})
     return result

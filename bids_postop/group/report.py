@@ -32,6 +32,10 @@ class GroupResults:
     raters: list[dict] = field(default_factory=list)
     raters_summary: list[dict] = field(default_factory=list)
     tests: list[dict] = field(default_factory=list)
+    paper_segmentation: list[dict] = field(default_factory=list)
+    paper_classification: list[dict] = field(default_factory=list)
+    units: list = field(default_factory=list)  # bids_postop.group.paper.ModelUnit
+    methods: dict[str, str] = field(default_factory=dict)  # model → methods paragraph (Markdown)
     reference: str | None = None
     rater_groups: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -129,6 +133,8 @@ def figures(results: GroupResults) -> dict[str, str]:
         ax.set_title(s)
     out["confusion_matrix"] = _svg(fig)
 
+    if results.units:
+        out["architectures"] = architectures_figure(results.units)
     scored = [r for r in results.raters if r.get("status") == "ok" and r.get("jaccard") is not None]
     if scored:
         fig, axes = _figure(ncols=2, width=max(5.0, 0.7 * len({r["annotator"] for r in scored})))
@@ -141,6 +147,89 @@ def figures(results: GroupResults) -> dict[str, str]:
             ax.set_title(f"Jaccard against the {target}")
         out["rater_jaccard"] = _svg(fig)
     return out
+
+
+def architectures_figure(units: Sequence) -> str:
+    """Side by side per configuration: Dice-P of each architecture, validation (own-fold) and test sets."""
+    fig, axes = _figure(ncols=2, width=max(5.0, 1.2 * len(units)), height=4.0)
+    archs = sorted({u.architecture for u in units})
+    configs = sorted({u.configuration for u in units})
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    for ax, set_ in zip(axes, ("validation", "test"), strict=True):
+        width = 0.8 / max(len(archs), 1)
+        handles = []
+        for i, arch in enumerate(archs):
+            data, positions = [], []
+            for j, config in enumerate(configs):
+                values = [r["dice"] for u in units if u.architecture == arch and u.configuration == config
+                          for r in u.rows[set_] if r["in_P"] and r["dice"] is not None]
+                if values:
+                    data.append(values)
+                    positions.append(j + (i - (len(archs) - 1) / 2) * width)
+            if data:
+                parts = ax.boxplot(data, positions=positions, widths=width * 0.9, patch_artist=True,
+                                   manage_ticks=False)
+                for box in parts["boxes"]:
+                    box.set_facecolor(colours[i % len(colours)])
+                    box.set_alpha(0.6)
+                handles.append((parts["boxes"][0], arch))
+        ax.set_xticks(range(len(configs)), configs)
+        ax.set_xlim(-0.6, len(configs) - 0.4)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set(xlabel="input configuration", ylabel="Dice-P (reference-positive patients)",
+               title=f"{set_} set" + (" (own-fold predictions)" if set_ == "validation" else " (fold ensemble)"))
+        if handles:
+            ax.legend([h for h, _ in handles], [n for _, n in handles])
+    return _svg(fig)
+
+
+def _pm(mean: object, sd: object) -> str:
+    if not isinstance(mean, float | int):
+        return "n/a"
+    return f"{mean:.3f}" + (f" ± {sd:.3f}" if isinstance(sd, float | int) else "")
+
+
+def _ci(low: object, high: object) -> str:
+    return f"[{low:.3f}, {high:.3f}]" if isinstance(low, float | int) and isinstance(high, float | int) else "n/a"
+
+
+def paper_tables_html(results: GroupResults) -> str:
+    """The paper's two tables: validation (pooled over folds) and test columns per architecture × configuration."""
+    from bids_postop.group.paper import CLASSIFICATION_METRICS, SEGMENTATION_METRICS
+
+    names = {"dice": "Dice", "dice_P": "Dice-P", "dice_TP": "Dice-TP", "hd95_mm": "HD95 (mm)", "recall": "Recall",
+             "precision": "Precision", "specificity": "Specificity", "balanced_accuracy": "bAcc"}
+    head = "<tr><th rowspan=2>architecture</th><th rowspan=2>config</th><th rowspan=2>model</th>"
+    seg = [head + f"<th colspan={len(SEGMENTATION_METRICS) + 2}>validation (mean ± sd over folds)</th>"
+           f"<th colspan={len(SEGMENTATION_METRICS) + 2}>test (mean ± sd)</th></tr><tr>"
+           + ("<th>n</th>" + "".join(f"<th>{names[m]}</th>" for m in SEGMENTATION_METRICS) + "<th>AVE median (ml)</th>")
+           * 2 + "</tr>"]
+    for r in results.paper_segmentation:
+        cells = [r["architecture"], r["configuration"], r["model"]]
+        for set_ in ("validation", "test"):
+            cells.append(f"{r[f'{set_}_n']}" + (f" ({r['validation_n_folds']} folds)" if set_ == "validation" else ""))
+            cells += [_pm(r[f"{m}_{set_}_mean"], r[f"{m}_{set_}_sd"]) for m in SEGMENTATION_METRICS]
+            cells.append(_pm(r[f"ave_ml_{set_}_median"], None))
+        seg.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    cls = [head + f"<th colspan={len(CLASSIFICATION_METRICS) + 1}>validation (mean ± sd over folds, normal 95 % "
+           f"interval)</th><th colspan={len(CLASSIFICATION_METRICS) + 1}>test (BCa 95 % interval)</th></tr><tr>"
+           + ("<th>n</th>" + "".join(f"<th>{names[m]}</th>" for m in CLASSIFICATION_METRICS)) * 2 + "</tr>"]
+    for r in results.paper_classification:
+        cells = [r["architecture"], r["configuration"], r["model"], str(r["validation_n"])]
+        cells += [f"{_pm(r[f'{m}_validation_mean'], r[f'{m}_validation_sd'])} "
+                  f"{_ci(r[f'{m}_validation_ci_low'], r[f'{m}_validation_ci_high'])}" for m in CLASSIFICATION_METRICS]
+        cells.append(f"{r['test_n']} (TP {r['test_TP']}, TN {r['test_TN']}, FP {r['test_FP']}, FN {r['test_FN']})")
+        cells += [f"{_pm(r[f'{m}_test'], None)} {_ci(r[f'{m}_test_ci_low'], r[f'{m}_test_ci_high'])}"
+                  for m in CLASSIFICATION_METRICS]
+        cls.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return ("<h3>Segmentation (the paper's Table 3 shape)</h3><table>" + "".join(seg) + "</table>"
+            "<p>Dice over every patient counts two empty masks as 1 (the authors' validation code); Dice-P over "
+            "reference-positive patients; Dice-TP over true positives; HD95 where both masks are non-empty. "
+            "Validation: own-fold predictions, fold-size-weighted mean and combined-sample sd. Test: fold ensemble "
+            "on the held-out site.</p>"
+            "<h3>Patient-wise classification (the paper's Table 4 shape)</h3><table>" + "".join(cls) + "</table>"
+            "<p>Validation rates: mean weighted by fold size ± sd of the fold values, normal 95 % interval over "
+            "the fold values; test: BCa bootstrap 95 % intervals.</p>")
 
 
 def _table(rows: Sequence[Mapping], columns: Sequence[str], *, limit: int = 200) -> str:
@@ -167,7 +256,8 @@ def render(results: GroupResults, figure_files: Mapping[str, str]) -> str:
     img = "".join(f'<figure><img src="{html.escape(p)}" alt="{html.escape(n)}"><figcaption>{html.escape(n)}'
                   f"</figcaption></figure>" for n, p in figure_files.items())
     parts = [f"<h1>bids_postop group report</h1><p>bids_postop {__version__}; datasets: "
-             f"{html.escape(str(results.datasets))}; classification: {html.escape(results.cutoff_rule)}</p>",
+             f"{html.escape(str(results.datasets))}.</p><p>GTR/RT classification: "
+             f"{html.escape(results.cutoff_rule)}</p>",
              "<h2>Cohort</h2>", _table(results.cohort, ["site", "n_sessions", "n_GTR", "n_RT", "configs",
                                                         "residual_volume_ml_median", "residual_volume_ml_mean",
                                                         "preop_volume_ml_median", "eor_percent_median"]), img]
@@ -179,6 +269,9 @@ def render(results: GroupResults, figure_files: Mapping[str, str]) -> str:
                   "<h3>BCa bootstrap 95 % intervals</h3>",
                   _table(results.overall, ["source", *CI_COLUMNS, "recall_ci_reason", "specificity_ci_reason"]),
                   "<h3>Per site</h3>", _table(results.sites, ["source", "site", *KEY_COLUMNS])]
+        if results.paper_segmentation:
+            parts += ["<h2>The paper's tables: validation and test per architecture and configuration</h2>",
+                      paper_tables_html(results)]
         if results.folds:
             parts += ["<h3>Per fold</h3>", _table(results.folds, ["source", "fold", *KEY_COLUMNS]),
                       "<h3>Pooled over folds</h3>",
@@ -187,13 +280,19 @@ def render(results: GroupResults, figure_files: Mapping[str, str]) -> str:
         if results.raters_summary:
             parts += ["<h2>Inter-rater study</h2>", f"<p>Rater groups: {html.escape(str(results.rater_groups))}</p>",
                       _table(results.raters_summary, list(dd.raters_summary()))]
-        parts += ["<h2>Statistical tests</h2>", _table(results.tests, list(dd.tests())),
+        parts += ["<h2>Statistical tests</h2><p>Scoped as the paper (origin 'paper'); paired tests for repeated "
+                  "measures on the same patients are additions (origin 'addition').</p>",
+                  _table(results.tests, list(dd.tests())),
                   "<h2>Sessions not evaluated</h2>",
                   _table([r for r in results.patients if r.get("status") != "ok"],
                          ["source", "participant_id", "session_id", "status", "reason"]),
                   "<h3>Rater masks not used</h3>",
                   _table([r for r in results.raters if r.get("status") == "error"],
                          ["participant_id", "session_id", "annotator", "reason"])]
+    if results.methods:
+        parts += ["<h2>Methods (generated from what ran)</h2>"] + [
+            f"<h3>{html.escape(name)}</h3><pre style='white-space:pre-wrap'>{html.escape(text)}</pre>"
+            for name, text in results.methods.items()]
     if results.notes:
         parts += ["<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in results.notes) + "</ul>"]
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0;"

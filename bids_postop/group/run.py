@@ -1,18 +1,27 @@
 """``bids_postop BIDS_DIR OUT_DIR group``: aggregate the cohort and, given manual annotations, reproduce the
-study's validation (metrics, patient-wise classification, inter-rater study, statistics) with a report.
+study's validation (metrics, patient-wise classification, the paper's tables, inter-rater study, statistics)
+with a report.
 
 Files written under ``output_dir``:
 
-- ``group_summary.tsv`` (+ ``.json`` dictionary): one row per participant/session;
+- ``group_summary.tsv`` (+ ``.json`` dictionary): one row per participant/session and model;
 - ``group/cohort.tsv``: GTR/RT counts and volume distributions per site;
 - with ``manual``: ``group/patients.tsv``, ``group/sites.tsv``, ``group/folds.tsv`` and
-  ``group/folds_pooled.tsv`` (when folds are known), ``group/overall.tsv``, ``group/tests.tsv`` and, with
-  two raters or more, ``group/raters.tsv`` and ``group/raters_summary.tsv`` — each with a JSON dictionary;
+  ``group/folds_pooled.tsv`` (when folds are known), ``group/overall.tsv``, ``group/paper_segmentation.tsv``
+  and ``group/paper_classification.tsv`` (the paper's tables: validation and test columns per architecture ×
+  configuration, :mod:`bids_postop.group.paper`), ``group/tests.tsv`` and, with two raters or more,
+  ``group/raters.tsv`` and ``group/raters_summary.tsv`` — each with a JSON dictionary; every missing value is
+  written ``n/a``;
 - ``group_report.html`` with figures in ``group/figures/``.
+
+The GTR cut-off: each participant's own rule (the measures TSV's ``gtr_cutoff_ml``/``gtr_inclusive``, else the
+measures JSON) classifies its rows; ``reclassify=True`` applies ``gtr_cutoff_ml``/``gtr_inclusive`` to every
+row instead. A cohort with mixed rules is flagged (notes, report, group_summary.json).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -25,15 +34,15 @@ from bids_postop.evaluation.interrater import (
     resolve_reference,
     summarize,
 )
-from bids_postop.evaluation.stats import Comparison, mann_whitney, tukey_hsd
 from bids_postop.group import dictionaries as dd
+from bids_postop.group import paper
 from bids_postop.group.collect import (
     Key,
     Prediction,
     annotations_for,
     collect_annotations,
     collect_predictions,
-    fold_of,
+    fold_and_set,
     read_folds,
 )
 from bids_postop.group.evaluate import evaluate_session
@@ -44,14 +53,41 @@ MAIN = "main"
 PROGRESS_EVERY = 100
 
 
-def architecture(model: str) -> str:
-    """Architecture of a model from its name: nnU-Net, AGU-Net (Raidionics full-volume models), else the name."""
-    name = model.lower()
-    if "nnunet" in name or "nnu-net" in name:
-        return "nnU-Net"
-    if "agunet" in name or "agu-net" in name or "raidionics" in name or "_fv_" in name:
-        return "AGU-Net"
-    return model or "unknown"
+def rule_text(cutoff_ml: float, inclusive: bool) -> str:
+    return f"GTR if residual {'<=' if inclusive else '<'} {cutoff_ml:g} ml, else RT"
+
+
+def _cutoffs(predictions: Mapping[str, list[Prediction]], *, reclassify: bool, cutoff_ml: float,
+             gtr_inclusive: bool, notes: list[str]) -> tuple[Callable[[Prediction], tuple[float, bool, str]], str]:
+    """The rule of each prediction, and the statement of which rules were used (mixed settings flagged)."""
+    group_rule = rule_text(cutoff_ml, gtr_inclusive)
+
+    def rule(p: Prediction) -> tuple[float, bool, str]:
+        if reclassify:
+            return cutoff_ml, gtr_inclusive, "group (--reclassify)"
+        own_ml, own_inclusive = p.cutoff()
+        if own_ml is None:
+            return cutoff_ml, gtr_inclusive if own_inclusive is None else own_inclusive, \
+                "group (the participant's cut-off is not recorded)"
+        return own_ml, bool(own_inclusive), "participant"
+
+    if reclassify:
+        return rule, (f"Re-classified by the group level (--reclassify): {group_rule}, for every participant "
+                      f"(their own rules are kept in group_summary.tsv).")
+    used = Counter(rule_text(*rule(p)[:2]) + ("" if rule(p)[2] == "participant" else " (group default)")
+                   for preds in predictions.values() for p in preds)
+    statement = "Each participant's own rule, as the participant level applied it: " + "; ".join(
+        f"{r} ({n} session(s))" for r, n in sorted(used.items())) + "."
+    own = {r for r in used if not r.endswith("(group default)")}
+    if len(own) > 1:
+        statement += " MIXED SETTINGS: the participants were classified with different cut-offs; rerun with " \
+                     "--reclassify to apply one rule to all."
+        notes.append(f"mixed GTR cut-off settings across participants ({'; '.join(sorted(own))}): each row keeps "
+                     f"its participant's rule; --reclassify applies {group_rule} to all")
+    if any(r.endswith("(group default)") for r in used):
+        notes.append(f"some measures record no cut-off (older outputs): {group_rule} (the group level's) is used for "
+                     f"them")
+    return rule, statement
 
 
 def _confidence_extra(n_bootstrap: int, seed: int) -> Callable[[str, list], dict]:
@@ -59,7 +95,7 @@ def _confidence_extra(n_bootstrap: int, seed: int) -> Callable[[str, list], dict
         out: dict = {}
         outcomes = [r["outcome"] for r in rows if r.get("status") == "ok"]
         cis = bootstrap_scores(outcomes, n_resamples=n_bootstrap, seed=seed) if n_bootstrap > 0 else {}
-        for metric in ("recall", "specificity", "balanced_accuracy"):
+        for metric in ("recall", "specificity", "balanced_accuracy", "precision"):
             ci = cis.get(metric)
             out[f"{metric}_ci_low"] = ci.low if ci else None
             out[f"{metric}_ci_high"] = ci.high if ci else None
@@ -68,57 +104,69 @@ def _confidence_extra(n_bootstrap: int, seed: int) -> Callable[[str, list], dict
     return extra
 
 
-def _model_tests(patients: list[dict], sources: list[str]) -> list[Comparison]:
-    pos = [r for r in patients if r.get("status") == "ok" and r["in_P"]]
-    tests: list[Comparison] = []
-    if len(sources) > 1:
-        tests += tukey_hsd({s: [r["dice"] for r in pos if r["source"] == s] for s in sources},
-                           metric="Dice on P, between datasets")
-    configs = sorted({r["config"] for r in pos if r.get("config")})
-    if len(configs) > 1:
-        tests += tukey_hsd({c: [r["dice"] for r in pos if r["config"] == c] for c in configs},
-                           metric="Dice on P, between configurations")
-    archs = sorted({architecture(r.get("model") or "") for r in pos})
-    for i, a in enumerate(archs):
-        for b in archs[i + 1:]:
-            tests.append(mann_whitney([r["dice"] for r in pos if architecture(r.get("model") or "") == a],
-                                      [r["dice"] for r in pos if architecture(r.get("model") or "") == b],
-                                      name_a=a, name_b=b, metric="Dice on P, between architectures"))
-    return tests
+def _methods(predictions: Mapping[str, list[Prediction]]) -> dict[str, str]:
+    """Per model (source): the methods paragraph generated from what ran for its first participant."""
+    from bids_postop.reports.boilerplate import RunDescription, methods_markdown
+
+    out: dict[str, str] = {}
+    for preds in predictions.values():
+        for p in preds:
+            if p.source not in out and p.model:
+                out[p.source] = methods_markdown(RunDescription.from_measures(
+                    {"model": p.model, "measures": p.measures, "provenance": p.provenance}))
+    return out
 
 
 def run_group_level(output_dir: Path, *, bids_dir: Path, manual: Mapping[str, Path] | None = None,
                     rater_groups_tsv: Path | None = None, folds_tsv: Path | None = None,
                     compare: Mapping[str, Path] | None = None, gtr_cutoff_ml: float = GTR_CUTOFF_ML,
-                    gtr_inclusive: bool = False, n_bootstrap: int = 2000, seed: int = 0,
+                    gtr_inclusive: bool = False, reclassify: bool = False, interrater_all_patients: bool = False,
+                    n_bootstrap: int = 2000, seed: int = 0,
                     progress: Callable[[str], None] | None = None) -> list[Path]:
     """Run the group level; returns the files written (see the module docstring).
 
     ``manual``: name → manual-annotation derivatives dataset (raters as ``desc-<rater>`` or one dataset
     per rater); ``rater_groups_tsv``: columns ``rater``, ``group`` (novice/expert/…; ``reference`` marks
-    the reference annotation); ``folds_tsv``: ``participant_id`` or ``site``, and ``fold``; ``compare``:
-    name → further derivatives datasets of other models or configurations, evaluated alike.
+    the reference annotation); ``folds_tsv``: ``participant_id`` or ``site``, and ``fold`` (e.g.
+    ``bids_postop-train``'s splits.tsv); ``compare``: name → further derivatives datasets of other models or
+    configurations, evaluated alike (``output_dir`` may then hold no participant results of its own);
+    ``reclassify``: classify every row with ``gtr_cutoff_ml``/``gtr_inclusive`` instead of each
+    participant's own rule; ``interrater_all_patients``: inter-rater scores over every patient instead of the
+    reference-positive ones.
     """
     say = progress or (lambda _message: None)
     output_dir, group_dir = Path(output_dir), Path(output_dir) / "group"
     if compare and MAIN in compare:
         raise UsageError(f"'{MAIN}' names the output directory itself; choose another name for the compared dataset")
-    cutoff_rule = f"GTR if residual {'<=' if gtr_inclusive else '<'} {gtr_cutoff_ml} ml, else RT"
+    notes: list[str] = []
     datasets = {MAIN: Path(output_dir), **{k: Path(v) for k, v in (compare or {}).items()}}
-    predictions = {name: collect_predictions(path, name, Path(bids_dir)) for name, path in datasets.items()}
+    predictions = {name: collect_predictions(path, name, Path(bids_dir), notes=notes,
+                                             required=not (name == MAIN and compare))
+                   for name, path in datasets.items()}
+    if not predictions[MAIN]:
+        del predictions[MAIN]
+        datasets.pop(MAIN)
     folds = read_folds(folds_tsv, Path(bids_dir))
-    results = GroupResults(cutoff_rule=cutoff_rule, cutoff_ml=gtr_cutoff_ml,
-                           datasets={k: str(v) for k, v in datasets.items()})
-
-    results.summary = [{**p.row, "fold": fold_of(p, folds)} for p in predictions[MAIN]]
-    written = write_table(output_dir / "group_summary.tsv", results.summary, dd.group_summary(cutoff_rule))
+    cutoff_rule, statement = _cutoffs(predictions, reclassify=reclassify, cutoff_ml=gtr_cutoff_ml,
+                                      gtr_inclusive=gtr_inclusive, notes=notes)
+    results = GroupResults(cutoff_rule=statement, cutoff_ml=gtr_cutoff_ml,
+                           datasets={k: str(v) for k, v in datasets.items()}, notes=notes)
+    placement = {(p.source, p.key): fold_and_set(p, folds) for preds in predictions.values() for p in preds}
+    results.methods = _methods(predictions)
+    summary_sources = [MAIN] if MAIN in predictions else list(predictions)
+    results.summary = [{**p.row, "source": p.source, "model": p.model_name or p.row.get("model"),
+                        "config": p.configuration, "fold": placement[(p.source, p.key)][0],
+                        "set": placement[(p.source, p.key)][1]}
+                       for name in summary_sources for p in predictions[name]]
+    written = write_table(output_dir / "group_summary.tsv", results.summary, dd.group_summary(statement))
     results.cohort = cohort_rows(results.summary)
     written += write_table(group_dir / "cohort.tsv", results.cohort, dd.cohort())
-    say(f"group: {len(results.summary)} session(s) aggregated from {output_dir}")
+    say(f"group: {len(results.summary)} session(s) aggregated from {', '.join(summary_sources)}")
 
     if manual:
         written += _validate(results, group_dir, predictions, manual, rater_groups_tsv=rater_groups_tsv,
-                             folds=folds, cutoff_ml=gtr_cutoff_ml, gtr_inclusive=gtr_inclusive,
+                             placement=placement, cutoff_rule=cutoff_rule, cutoff_ml=gtr_cutoff_ml,
+                             gtr_inclusive=gtr_inclusive, interrater_all=interrater_all_patients,
                              n_bootstrap=n_bootstrap, seed=seed, say=say)
     written += write_report(output_dir, results)
     say(f"group: report at {output_dir / 'group_report.html'}")
@@ -126,10 +174,11 @@ def run_group_level(output_dir: Path, *, bids_dir: Path, manual: Mapping[str, Pa
 
 
 def _validate(results: GroupResults, group_dir: Path, predictions: Mapping[str, list[Prediction]],
-              manual: Mapping[str, Path], *, rater_groups_tsv: Path | None, folds: tuple[dict, dict],
-              cutoff_ml: float, gtr_inclusive: bool, n_bootstrap: int, seed: int, say: Callable[[str], None]
-              ) -> list[Path]:
-    annotations, default_reference = collect_annotations({k: Path(v) for k, v in manual.items()})
+              manual: Mapping[str, Path], *, rater_groups_tsv: Path | None, placement: Mapping,
+              cutoff_rule: Callable, cutoff_ml: float, gtr_inclusive: bool, interrater_all: bool, n_bootstrap: int,
+              seed: int, say: Callable[[str], None]) -> list[Path]:
+    annotations, default_reference = collect_annotations({k: Path(v) for k, v in manual.items()},
+                                                         notes=results.notes)
     groups = read_rater_groups(rater_groups_tsv) if rater_groups_tsv else {}
     raters = sorted({r for per in annotations.values() for r in per})
     reference = resolve_reference(raters, groups, default=default_reference)
@@ -139,22 +188,22 @@ def _validate(results: GroupResults, group_dir: Path, predictions: Mapping[str, 
     say(f"group: raters {raters}; reference annotation: {reference}")
 
     by_key: dict[Key, dict[str, Prediction]] = {}
-    for source, preds in predictions.items():
+    for preds in predictions.values():
         for p in preds:
-            if source in by_key.setdefault(p.key, {}):
-                results.notes.append(f"{source}: several results for {p.participant_id} {p.session_id or ''}; "
-                                     f"the first ({by_key[p.key][source].mask}) is evaluated")
+            if p.source in by_key.setdefault(p.key, {}):
+                results.notes.append(f"{p.source}: several results for {p.participant_id} {p.session_id or ''}; "
+                                     f"the first ({by_key[p.key][p.source].mask}) is evaluated")
                 continue
-            by_key[p.key][source] = p
+            by_key[p.key][p.source] = p
     unmatched = sorted((k for k in annotations if k not in by_key
                         and not (k[1] is None and any(b[0] == k[0] for b in by_key))), key=str)
     for key in unmatched:
         results.notes.append(f"sub-{key[0]} {('ses-' + key[1]) if key[1] else ''}: annotated but has no "
                              f"participant-level result")
     for i, (key, per_source) in enumerate(sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")), 1):
-        first = next(iter(per_source.values()))
         session = evaluate_session(key, per_source, annotations_for(key, annotations), reference=reference,
-                                   fold=fold_of(first, folds), cutoff_ml=cutoff_ml, gtr_inclusive=gtr_inclusive)
+                                   placement={s: placement[(s, key)] for s in per_source}, cutoff_rule=cutoff_rule,
+                                   cutoff_ml=cutoff_ml, gtr_inclusive=gtr_inclusive)
         results.patients += session.patients
         results.raters += session.raters
         if i % PROGRESS_EVERY == 0 or i == len(by_key):
@@ -171,11 +220,26 @@ def _validate(results: GroupResults, group_dir: Path, predictions: Mapping[str, 
     results.overall = summaries_by(results.patients, None, extra=_confidence_extra(n_bootstrap, seed))
     written += write_table(group_dir / "overall.tsv", results.overall, dd.summary(None, with_ci=True))
 
-    tests = _model_tests(results.patients, list(predictions))
+    units = paper.model_units(results.patients, results.notes)
+    results.paper_segmentation, results.paper_classification = paper.tables(units, n_bootstrap=n_bootstrap,
+                                                                             seed=seed)
+    results.units = units
+    if units:
+        written += write_table(group_dir / "paper_segmentation.tsv", results.paper_segmentation,
+                               dd.paper_segmentation())
+        written += write_table(group_dir / "paper_classification.tsv", results.paper_classification,
+                               dd.paper_classification())
+        for line in paper.describe(results.paper_segmentation):
+            say(f"group: {line}")
+    elif results.patients:
+        results.notes.append("no row belongs to a validation or test set (own-fold predictions of bids_postop-train, "
+                             "a folds TSV or a 'fold' column in participants.tsv): the paper's tables are not written")
+    tests, test_notes = paper.protocol_tests(units, results.paper_segmentation, results.paper_classification)
+    results.notes += test_notes
     scored = [r for r in results.raters if r.get("status") == "ok"]
     if results.raters:
-        results.raters_summary = summarize(scored, groups)
-        tests += compare_models_with_raters(scored, groups, reference=reference)
+        results.raters_summary = summarize(scored, groups, reference=reference, positive_only=not interrater_all)
+        tests += compare_models_with_raters(scored, groups, reference=reference, positive_only=not interrater_all)
         written += write_table(group_dir / "raters.tsv", results.raters, dd.raters())
         written += write_table(group_dir / "raters_summary.tsv", results.raters_summary, dd.raters_summary())
     results.tests = [t.as_dict() for t in tests]

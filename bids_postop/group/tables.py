@@ -14,15 +14,18 @@ import numpy as np
 from bids_postop.bids.derivatives import atomic_write_json, atomic_write_text
 from bids_postop.evaluation.classification import Counts
 from bids_postop.evaluation.stats import defined, mean_sd, median, normal_interval, pooled_mean_sd, weighted_mean
-from bids_postop.group.collect import is_holdout
+from bids_postop.group.collect import is_holdout, is_missing
 
 RATES = ("recall", "precision", "specificity", "balanced_accuracy")
 
 
+NA = "n/a"
+
+
 def cell(value: object) -> str:
-    """TSV cell: empty for unknown/undefined, ``true``/``false``, floats to 10 significant digits."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
+    """TSV cell: ``n/a`` for unknown/undefined (BIDS), ``true``/``false``, floats to 10 significant digits."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return NA
     if isinstance(value, bool | np.bool_):
         return "true" if value else "false"
     if isinstance(value, float | np.floating):
@@ -52,7 +55,7 @@ def _quantiles(values: Sequence[float | None], prefix: str) -> dict[str, float |
 
 def _float(text: str | None) -> float | None:
     try:
-        return float(text) if text not in (None, "", "n/a") else None
+        return None if is_missing(text) else float(text)  # type: ignore[arg-type]
     except ValueError:
         return None
 
@@ -78,9 +81,18 @@ def cohort_rows(summary: Sequence[Mapping[str, str]]) -> list[dict]:
     return out
 
 
+def dice_all(row: Mapping) -> float | None:
+    """Dice over every patient, two empty masks scoring 1 (the convention of the study authors' validation code,
+    whose Dice is smoothed by ε = 0.1); only evaluated rows."""
+    if row.get("status") != "ok":
+        return None
+    return 1.0 if row.get("dice") is None else float(row["dice"])
+
+
 def summarize(rows: Sequence[Mapping]) -> dict:
-    """Metrics of one group of per-patient rows (one dataset): counts, Dice on P and TP, HD95, volume
-    errors and patient-wise scores; undefined values are left out and counted, never averaged as 0."""
+    """Metrics of one group of per-patient rows (one dataset): counts, Dice over all (two empty masks = 1), on
+    P and TP, HD95, volume errors and patient-wise scores; undefined values are left out and counted, never
+    averaged as 0."""
     ok = [r for r in rows if r.get("status") == "ok"]
     pos = [r for r in ok if r["in_P"]]
     tp = [r for r in ok if r["outcome"] == "TP"]
@@ -89,6 +101,10 @@ def summarize(rows: Sequence[Mapping]) -> dict:
                  "n_errors": sum(r.get("status") == "error" for r in rows),
                  "n_no_reference": sum(r.get("status") == "no_reference" for r in rows),
                  "n_P": len(pos), "n_TP_group": len(tp), **counts.as_dict()}
+    out["dice_all_mean"], out["dice_all_sd"] = mean_sd(dice_all(r) for r in ok)
+    hd_all = [r["hd95_mm"] for r in ok if r["hd95_mm"] is not None]
+    out["hd95_mm_mean"], out["hd95_mm_sd"] = mean_sd(hd_all)
+    out["hd95_n_defined"] = len(hd_all)
     for name, group in (("P", pos), ("TP", tp)):
         out[f"dice_{name}_mean"], out[f"dice_{name}_sd"] = mean_sd(r["dice"] for r in group)
         hd = [r["hd95_mm"] for r in group]
@@ -126,18 +142,21 @@ def _n_defined(row: Mapping, group: str, hd95: bool) -> int:
 
 # metric → (mean column, sd column, patients behind the value)
 PER_PATIENT_COLUMNS: dict[str, tuple[str, str, Callable[[Mapping], int]]] = {
+    "dice_all": ("dice_all_mean", "dice_all_sd", lambda r: r["n_evaluated"]),
     "dice_P": ("dice_P_mean", "dice_P_sd", lambda r: _n_defined(r, "P", False)),
     "dice_TP": ("dice_TP_mean", "dice_TP_sd", lambda r: _n_defined(r, "TP", False)),
     "hd95_P_mm": ("hd95_P_mm_mean", "hd95_P_mm_sd", lambda r: _n_defined(r, "P", True)),
     "hd95_TP_mm": ("hd95_TP_mm_mean", "hd95_TP_mm_sd", lambda r: _n_defined(r, "TP", True)),
+    "hd95_mm": ("hd95_mm_mean", "hd95_mm_sd", lambda r: r["hd95_n_defined"]),
 }
 
 
 def pooled_over_folds(fold_rows: Sequence[Mapping], *, confidence: float = 0.95) -> list[dict]:
     """Pooled estimates over the cross-validation folds (hold-out folds left out), per dataset.
 
-    Per-patient metrics (Dice P/TP, HD95 P/TP): fold-size-weighted mean and combined-sample sd (equal to
-    the mean and sd over all patients of those folds), as the study's validation code pools them.
+    Per-patient metrics (Dice over all/P/TP, HD95 over all defined/P/TP): fold-size-weighted mean and
+    combined-sample sd (equal to the mean and sd over all patients of those folds), as the study's validation
+    code pools them.
     Patient-wise rates: mean weighted by the number of evaluated patients per fold and sd of the fold
     values. For both, also the mean, sd and normal interval (mean ± z·sd/√k) of the k per-fold estimates.
     """
