@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -12,21 +13,51 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("BIDS_POSTOP_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
-# .ci/run lists the tools the test extra installs: there a missing one fails its tests instead of skipping
-REQUIRED_TOOLS = set(os.environ.get("BIDS_POSTOP_REQUIRED_TOOLS", "").split())
+SKIP_ALLOWLIST = Path(__file__).with_name("skip_allowlist.txt")
 
 
 def require_tool(name: str) -> str:
-    """The executable ``name`` (beside this Python, else on PATH); skip the test when it is missing,
-    fail instead when CI says it must be there."""
+    """The executable ``name`` (beside this Python, else on PATH); the test fails when it is missing (the test
+    extra and .ci/run install every tool the tests use: a missing one is a broken install, not a reason to skip)."""
     from bids_postop.executables import find_executable
 
     exe = find_executable(name)
     if exe is None:
-        if name in REQUIRED_TOOLS:
-            pytest.fail(f"{name} is required here (BIDS_POSTOP_REQUIRED_TOOLS) but not installed")
-        pytest.skip(f"{name} not installed")
+        pytest.fail(f"{name} is not installed (scripts/install.sh test installs it; .ci/run installs system tools)")
     return exe
+
+
+# --- no silent skips: a skip whose reason is not on tests/skip_allowlist.txt fails the run --------------------
+
+def _allowed_skip_patterns() -> list[re.Pattern]:
+    lines = SKIP_ALLOWLIST.read_text().splitlines() if SKIP_ALLOWLIST.is_file() else []
+    return [re.compile(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when a test was skipped for a reason not on the allow-list (``tests/skip_allowlist.txt``, one
+    regular expression per line, each with the why in a comment): a component that cannot run here must fail its
+    test, not vanish from the results."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    patterns = _allowed_skip_patterns()
+    unexpected = [(report.nodeid, _skip_reason(report)) for report in reporter.stats.get("skipped", [])
+                  if not any(p.search(_skip_reason(report)) for p in patterns)]
+    if unexpected:
+        reporter.write_sep("=", "skips not on tests/skip_allowlist.txt (they fail the run)", red=True)
+        for nodeid, reason in unexpected:
+            reporter.write_line(f"{nodeid}: {reason}")
+        if session.exitstatus == 0:
+            session.exitstatus = 1
 
 
 def affine_for(orientation: str, spacing=(1.0, 1.0, 1.0), *, oblique_deg: float = 0.0) -> np.ndarray:
@@ -90,7 +121,7 @@ def make_bids(root: Path, participants: dict[str, dict[str, str | None]], *, sit
 @pytest.fixture
 def real_data() -> Path:
     if not REAL.is_dir():
-        pytest.skip(f"real data not found at {REAL} (set BIDS_POSTOP_REAL_DATA)")
+        pytest.fail(f"real data not found at {REAL} (set BIDS_POSTOP_REAL_DATA)")
     return REAL
 
 

@@ -44,34 +44,35 @@ def test_outputs_are_on_the_contrast_t1w_grid(demo_run, sub, config, site):
     ref = nib.load(t1ce)
     anat = out / f"sub-{sub}" / "ses-postop" / "anat"
     prefix = t1ce.name.replace("_T1w.nii.gz", "")
-    for suffix, dtype in (("label-tumor_desc-residual_mask", np.uint8), ("label-tumor_desc-residual_probseg",
-                                                                         np.float32), ("label-brain_mask", np.uint8)):
+    desc = f"demo{config}"  # derivatives carry the model (demo-B → desc-demoB)
+    for suffix, dtype in ((f"label-tumor_desc-{desc}_mask", np.uint8), (f"label-tumor_desc-{desc}_probseg",
+                                                                       np.float32), ("desc-brain_mask", np.uint8)):
         img = nib.load(anat / f"{prefix}_{suffix}.nii.gz")
         assert img.shape == ref.shape, suffix
         np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5, err_msg=suffix)
         assert img.get_data_dtype() == dtype
         sidecar = json.loads((anat / f"{prefix}_{suffix}.json").read_text())
         assert sidecar["Sources"] and sidecar["SpatialReference"].endswith(t1ce.name)
-    mask = nib.load(anat / f"{prefix}_label-tumor_desc-residual_mask.nii.gz").get_fdata()
+    mask = nib.load(anat / f"{prefix}_label-tumor_desc-{desc}_mask.nii.gz").get_fdata()
     assert set(np.unique(mask)) <= {0.0, 1.0}
-    brain = nib.load(anat / f"{prefix}_label-brain_mask.nii.gz").get_fdata()
+    brain = nib.load(anat / f"{prefix}_desc-brain_mask.nii.gz").get_fdata()
     voxel_ml = float(np.prod(ref.header.get_zooms()[:3])) / 1000
     assert 800 < brain.sum() * voxel_ml < 2000, "a plausible brain volume in ml"
     [row] = list(csv.DictReader((out / f"sub-{sub}" / "ses-postop" /
-                                 f"sub-{sub}_ses-postop_desc-residual_measures.tsv").open(), delimiter="\t"))
+                                 f"sub-{sub}_ses-postop_desc-{desc}_measures.tsv").open(), delimiter="\t"))
     assert row["config"] == config and row["site"] == site and row["model"] == f"demo-{config}"
     assert float(row["residual_volume_ml"]) == pytest.approx(mask.sum() * voxel_ml, rel=1e-3)
     assert row["resection_status"] == ("GTR" if float(row["residual_volume_ml"]) < 0.175 else "RT")
     # what the segmentation actually ran, beside what was asked (default preset: onnxruntime on the CPU)
-    measures = json.loads((out / f"sub-{sub}" / "ses-postop" / f"sub-{sub}_ses-postop_desc-residual_measures.json")
+    measures = json.loads((out / f"sub-{sub}" / "ses-postop" / f"sub-{sub}_ses-postop_desc-{desc}_measures.json")
                           .read_text())
     ran = measures["provenance"]["segmentation"]
     assert ran["engine"] == "onnxruntime" and ran["precision"] == "fp32" and ran["use_mirroring"] is True
     assert measures["provenance"]["preset"]["nnunet_engine"] == "auto"
     if config == "E":
-        assert float(row["preop_volume_ml"]) > 1 and row["eor_percent"] != ""
+        assert float(row["preop_volume_ml"]) > 1 and row["eor_percent"] != "n/a"
     else:
-        assert row["preop_volume_ml"] == "" and row["eor_percent"] == ""
+        assert row["preop_volume_ml"] == "n/a" and row["eor_percent"] == "n/a"
 
 
 def test_demo_residuals_are_found(demo_run):
@@ -80,7 +81,7 @@ def test_demo_residuals_are_found(demo_run):
 
     for sub in ("01", "04"):
         truth = nib.load(next((root / "derivatives" / "manual" / f"sub-{sub}").rglob("*_label-tumor_mask.nii.gz")))
-        pred = nib.load(next((out / f"sub-{sub}").rglob("*_desc-residual_mask.nii.gz")))
+        pred = nib.load(next((out / f"sub-{sub}").rglob("*_label-tumor_desc-demo*_mask.nii.gz")))
         assert dice(truth.get_fdata(), pred.get_fdata()) > 0.3, sub
 
 

@@ -98,13 +98,13 @@ def test_large_image_through_the_cli_within_8_gib(tmp_path):
 
     ref = nib.load(t1ce)
     prefix = out / "sub-large" / "ses-postop" / "anat"
-    for suffix, dtype in (("label-tumor_desc-residual_mask", np.uint8),
-                          ("label-tumor_desc-residual_probseg", np.float32), ("label-brain_mask", np.uint8)):
+    for suffix, dtype in (("label-tumor_desc-demoA_mask", np.uint8),
+                          ("label-tumor_desc-demoA_probseg", np.float32), ("desc-brain_mask", np.uint8)):
         img = nib.load(prefix / f"sub-large_ses-postop_ce-Gd_{suffix}.nii.gz")
         assert img.shape == LARGE_SHAPE, suffix
         np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5, err_msg=suffix)
         assert img.get_data_dtype() == dtype, suffix
-    brain = np.asanyarray(nib.load(prefix / "sub-large_ses-postop_ce-Gd_label-brain_mask.nii.gz").dataobj)
+    brain = np.asanyarray(nib.load(prefix / "sub-large_ses-postop_ce-Gd_desc-brain_mask.nii.gz").dataobj)
     voxel_ml = float(np.prod(ref.header.get_zooms()[:3])) / 1000
     assert 800 < int(np.count_nonzero(brain)) * voxel_ml < 2000, "a plausible brain volume in ml"
     assert peak <= PEAK_RSS_BOUND_GIB, f"peak RSS {peak:.2f} GiB > {PEAK_RSS_BOUND_GIB} GiB"

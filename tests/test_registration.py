@@ -42,7 +42,7 @@ def _oblique_affine(zooms=(1.2, 0.9, 2.5), degrees=17.0, origin=(-30.0, 12.0, -8
 
 def _require(path: Path) -> Path:
     if not path.is_file():
-        pytest.skip(f"real test data not found: {path} (set BIDS_POSTOP_REAL_DATA)")
+        pytest.fail(f"real test data not found: {path} (set BIDS_POSTOP_REAL_DATA)")
     return path
 
 

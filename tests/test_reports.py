@@ -37,8 +37,19 @@ CHROMIUM = Path(os.environ.get("BIDS_POSTOP_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--virtual-time-budget=15000")
-needs_chromium = pytest.mark.skipif(not CHROMIUM.is_file(),
-                                    reason=f"{CHROMIUM} not found: apt-get install -y chromium")
+def _chromium_path() -> Path:
+    """Debian's headless Chromium (.ci/run installs it); its absence fails the browser tests."""
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} not found: apt-get install -y chromium (or set BIDS_POSTOP_CHROMIUM)")
+    return CHROMIUM
+
+
+needs_chromium = pytest.mark.usefixtures("chromium")
+
+
+@pytest.fixture
+def chromium() -> Path:
+    return _chromium_path()
 
 
 # --- synthetic images -----------------------------------------------------------------------------
@@ -256,7 +267,7 @@ def demo_report(tmp_path_factory):
     card_dir.mkdir()
     card = {"name": "demo-E", "architecture": "nnunet", "configuration": "E",
             "channels": ["postop_t1ce", "postop_t1", "postop_flair", "preop_t1ce", "preop_mask"],
-            "threshold": 0.5, "intended_use": "demo model for simulated data, not for clinical use",
+            "threshold": 0.5, "intended_use": "demo model for simulated data", "not_for_clinical_use": True,
             "folder": str(card_dir)}
     (card_dir / "bids_postop_model.json").write_text(json.dumps({**card, "nnunet": {"folds": [0]}}))
     output_dir = tmp / "derivatives" / "bids_postop"
@@ -298,7 +309,7 @@ def test_report_files_and_summary(demo_report):
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
     assert f"{m.residual_volume_ml:.3f} ml" in page and f"{m.preop_volume_ml:.2f} ml" in page
     assert f"{m.eor_percent:.1f} %" in page and f'id="status">{m.resection_status}<' in page
-    assert 'class="banner clinical"' in page and "not for clinical use" in page
+    assert 'class="banner clinical"' in page and "NOT FOR CLINICAL USE" in page  # from the card's flag
     assert "12 min 34 s" in page and ">cpu<" in page
     assert "bids_postop bids out participant" in page and '"folds"' in page  # command line, full model card
 
@@ -338,7 +349,8 @@ def test_failed_run_and_configuration_without_registration(tmp_path):
     measures.parent.mkdir(parents=True)
     measures.write_text(json.dumps({
         "participant_id": "sub-08", "session_id": None, "configuration": "A",
-        "model": {"name": "m", "architecture": "nnunet", "channels": ["postop_t1ce"], "intended_use": "research"},
+        "model": {"name": "m", "architecture": "nnunet", "channels": ["postop_t1ce"],
+                  "intended_use": "research, not for clinical use (words only: no flag, no banner)"},
         "measures": {"residual_volume_ml": 0.1, "resection_status": "GTR", "preop_volume_ml": None,
                      "eor_percent": None, "threshold": 0.5}, "sources": {"postop_t1ce": "bids:raw:x"}}))
     assert rebuild_reports(out) == [out / "sub-07.html", out / "sub-08.html"]
@@ -379,7 +391,7 @@ def test_report_in_headless_chromium(demo_report, tmp_path):
     summary = dom[dom.index('id="summary"'):dom.index('id="residual"')]
     assert f"{m.residual_volume_ml:.3f} ml" in summary and f"{m.residual_volume_ml:.4f} ml" in summary
     assert f"{m.preop_volume_ml:.2f} ml" in summary and f"{m.eor_percent:.1f} %" in summary
-    assert f">{m.resection_status}<" in summary and "not for clinical use" in summary
+    assert f">{m.resection_status}<" in summary and "NOT FOR CLINICAL USE" in summary
 
     # docs: the top of the page, and the registration and pre-op sections (a copy of the page with the
     # sections above them hidden: headless Chromium draws a blank page when asked to scroll to a #fragment)

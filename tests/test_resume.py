@@ -22,7 +22,8 @@ KILL_AFTER = "register_postop_t1"
 def command(root: Path, out: Path, work: Path) -> list[str]:
     # one thread: registration is then bit-for-bit reproducible, so a clean run can be compared exactly
     return [sys.executable, "-m", "bids_postop.cli.run", str(root), str(out), "participant", "--participant-label",
-            "04", "-w", str(work), "--nprocs", "1", "--omp-nthreads", "1", "--device", "cpu", "--skip-bids-validation"]
+            "04", "-w", str(work), "--nprocs", "1", "--omp-nthreads", "1", "--device", "cpu", "--skip-bids-validation",
+            "--model", "demo"]
 
 
 def results(out: Path) -> dict[str, object]:
@@ -47,7 +48,7 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
         assert time.monotonic() < deadline, "the run never reached the registration"
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert not list(out.rglob("*_desc-residual_mask.nii.gz")), "no final output before segmentation ran"
+    assert not list(out.rglob("*_label-tumor_desc-*_mask.nii.gz")), "no final output before segmentation ran"
     finished = {p: p.stat().st_mtime_ns for p in work.rglob("result_*.pklz")}
     assert any("register_postop_t1" in str(p) for p in finished) and any("brain_extraction" in str(p)
                                                                             for p in finished)

@@ -36,7 +36,7 @@ from bids_postop.demo.dataset import write_demo_dataset
 pytestmark = pytest.mark.slow
 BIDS_POSTOP = [sys.executable, "-m", "bids_postop.cli.run"]
 # the cheapest real run: configuration B (sub-04 of the demo), no test-time mirroring, one process
-FAST = ["--no-tta", "--nprocs", "1", "--omp-nthreads", "1", "--device", "cpu"]
+FAST = ["--model", "demo", "--no-tta", "--nprocs", "1", "--omp-nthreads", "1", "--device", "cpu"]
 RUN_TIMEOUT_S = 1200
 
 
@@ -56,10 +56,14 @@ def run_cli(bids: Path, out: Path, work: Path, *extra: str) -> subprocess.Comple
 def session_outputs(out: Path, t1ce: Path, sub: str) -> dict[str, Path]:
     prefix = t1ce.name.replace("_T1w.nii.gz", "")
     anat = out / f"sub-{sub}" / "ses-postop" / "anat"
-    return {"mask": anat / f"{prefix}_label-tumor_desc-residual_mask.nii.gz",
-            "probseg": anat / f"{prefix}_label-tumor_desc-residual_probseg.nii.gz",
-            "brain": anat / f"{prefix}_label-brain_mask.nii.gz",
-            "tsv": out / f"sub-{sub}" / "ses-postop" / f"sub-{sub}_ses-postop_desc-residual_measures.tsv"}
+    desc = {"04": "demoB"}.get(sub, "demo")  # sub-04 runs configuration B with the demo model
+    if sub != "04":
+        [tsv] = (out / f"sub-{sub}" / "ses-postop").glob("*_measures.tsv")
+        desc = tsv.name.split("_desc-")[1].split("_")[0]
+    return {"mask": anat / f"{prefix}_label-tumor_desc-{desc}_mask.nii.gz",
+            "probseg": anat / f"{prefix}_label-tumor_desc-{desc}_probseg.nii.gz",
+            "brain": anat / f"{prefix}_desc-brain_mask.nii.gz",
+            "tsv": out / f"sub-{sub}" / "ses-postop" / f"sub-{sub}_ses-postop_desc-{desc}_measures.tsv"}
 
 
 # --- 1. the input dataset is never modified ------------------------------------------------------------------

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bids_postop import __version__
@@ -114,6 +115,20 @@ def setup_logging(settings: RunSettings) -> Path:
 
 
 def configure_nipype(settings: RunSettings) -> None:
+    """nipype's settings for this run, in this process and in its worker processes.
+
+    Workers are fresh interpreters (forkserver) that read nipype's configuration file at import, not this
+    process's settings: a ``nipype.cfg`` in the work directory, named by ``NIPYPE_CONFIG_DIR`` before any worker
+    starts, gives them the same logging levels (without ``-v`` a demo printed ~160 ``nipype.workflow INFO`` lines
+    from its workers).
+    """
+    levels = {"workflow_level": "INFO" if settings.verbosity > 0 else "WARNING",
+              "interface_level": "INFO" if settings.verbosity > 1 else "WARNING", "utils_level": "WARNING"}
+    config_dir = settings.work_dir / ".nipype"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "nipype.cfg").write_text("[logging]\n" + "".join(f"{k} = {v}\n" for k, v in levels.items())
+                                           + "\n[monitoring]\nenabled = false\n")
+    os.environ["NIPYPE_CONFIG_DIR"] = str(config_dir)
     from nipype import config
     from nipype import logging as nlogging
 
@@ -121,10 +136,7 @@ def configure_nipype(settings: RunSettings) -> None:
     crash_dir = settings.output_dir / "logs" / "crashes"
     crash_dir.mkdir(parents=True, exist_ok=True)
     config.update_config({
-        "logging": {"log_directory": str(settings.work_dir), "log_to_file": False,
-                    "workflow_level": "INFO" if settings.verbosity > 0 else "WARNING",
-                    "interface_level": "INFO" if settings.verbosity > 1 else "WARNING",
-                    "utils_level": "WARNING"},
+        "logging": {"log_directory": str(settings.work_dir), "log_to_file": False, **levels},
         "execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
                       "stop_on_first_crash": settings.stop_on_first_crash, "hash_method": "timestamp",
                       "remove_unnecessary_outputs": False, "create_report": False,
@@ -211,12 +223,8 @@ def run_participants(settings: RunSettings) -> int:
                   "bids_validation": validation,
                   "threads": {"nprocs": settings.nprocs, "omp_nthreads": settings.omp_nthreads}}
     write_boilerplate(settings)
-    for p in runnable:
-        status = run_one_participant(settings, p, models[chosen[p.subject]], provenance, brain_model=brain_model)
-        statuses.append(status)
-        if status.status == "failed" and settings.stop_on_first_crash:
-            LOG.error("stopping at the first failure (--stop-on-first-crash)")
-            break
+    statuses += run_cohort(settings, [(p, models[chosen[p.subject]]) for p in runnable], provenance,
+                           brain_model=brain_model)
     print_final_table(statuses)
     return EXIT_OK if all(s.status == "done" for s in statuses) else EXIT_PARTICIPANT_FAILED
 
@@ -265,36 +273,68 @@ def write_boilerplate(settings: RunSettings) -> Path:
     return atomic_write_text(settings.output_dir / "logs" / "CITATION.md", text)
 
 
-def run_one_participant(settings: RunSettings, inputs, model, provenance, *,
-                        brain_model: str | None = None) -> ParticipantStatus:
+@dataclass
+class _Progress:
+    """One participant's share of the cohort graph, followed through nipype's status callback."""
+
+    inputs: object
+    model: object
+    started: float | None = None
+    ended: float | None = None
+    errors: list[str] = field(default_factory=list)
+    finished_nodes: set[str] = field(default_factory=set)
+
+
+def run_cohort(settings: RunSettings, runnable: Sequence[tuple[object, object]], provenance: dict, *,
+               brain_model: str | None = None) -> list[ParticipantStatus]:
+    """Run every participant in one nipype graph, so that ``--nprocs N`` overlaps participants (one graph per
+    participant would leave cores idle while one participant's chain of steps runs).
+
+    Each participant is a sub-workflow ``sub_<label>_wf`` of ``bids_postop_<version>_wf`` (the work-directory
+    layout of earlier versions, so their finished steps are reused). A crashed step fails its participant only:
+    nipype skips what depends on it and runs everything else; progress is logged per participant and step.
+    """
+    from nipype.pipeline import engine as pe
+
     from bids_postop.workflows.base import init_participant_wf
 
-    start = time.monotonic()
-    pid = inputs.participant_id
-    card = model.card
-    LOG.info("%s: start (configuration %s, model %s)", pid, card.configuration, card.name)
-    workflow = init_participant_wf(
-        inputs=inputs, model=model, output_dir=settings.output_dir, bids_dir=settings.bids_dir,
-        brain_method=settings.brain_method, brain_model=brain_model, device=settings.device,
-        omp_nthreads=settings.omp_nthreads, use_mirroring=settings.use_mirroring,
-        trust_checkpoint=settings.trust_checkpoint, fast=settings.fast, precision=settings.precision,
-        nnunet_engine=settings.nnunet_engine,
-        min_component_voxels=settings.min_component_voxels,
-        gtr_cutoff_ml=settings.gtr_cutoff_ml, gtr_inclusive=settings.gtr_inclusive,
-        provenance={**provenance, "configuration": card.configuration, "preset": preset_provenance(settings)})
-    workflow.base_dir = str(settings.work_dir / f"bids_postop_{__version__.replace('.', '_')}_wf")
+    cohort = pe.Workflow(name=f"bids_postop_{__version__.replace('.', '_')}_wf", base_dir=str(settings.work_dir))
+    progress: dict[str, _Progress] = {}
+    for inputs, model in runnable:
+        card = model.card
+        workflow = init_participant_wf(
+            inputs=inputs, model=model, output_dir=settings.output_dir, bids_dir=settings.bids_dir,
+            brain_method=settings.brain_method, brain_model=brain_model, device=settings.device,
+            omp_nthreads=settings.omp_nthreads, use_mirroring=settings.use_mirroring,
+            trust_checkpoint=settings.trust_checkpoint, fast=settings.fast, precision=settings.precision,
+            nnunet_engine=settings.nnunet_engine, min_component_voxels=settings.min_component_voxels,
+            gtr_cutoff_ml=settings.gtr_cutoff_ml, gtr_inclusive=settings.gtr_inclusive,
+            provenance={**provenance, "configuration": card.configuration, "preset": preset_provenance(settings)},
+            name=f"sub_{inputs.subject}_wf")
+        cohort.add_nodes([workflow])
+        progress[workflow.name] = _Progress(inputs, model)
+        LOG.info("%s: queued (configuration %s, model %s)", inputs.participant_id, card.configuration, card.name)
     node_start: dict[str, float] = {}
-    errors: list[str] = []
 
     def status_callback(node, status: str) -> None:
-        name = node.name
+        owner = next((part for part in node.fullname.split(".") if part in progress), None)
+        if owner is None:
+            return
+        state, now, key = progress[owner], time.monotonic(), node.fullname
+        pid = state.inputs.participant_id
         if status == "start":
-            node_start[name] = time.monotonic()
+            node_start[key] = now
+            if state.started is None:
+                state.started = now
+                LOG.info("%s: start", pid)
         elif status in ("end", "exception"):
-            took = time.monotonic() - node_start[name] if name in node_start else 0.0
-            LOG.info("%s: %-24s %s %6.1f s", pid, name, "done  " if status == "end" else "FAILED", took)
-            if status == "exception":
-                errors.append(f"{name}: {crash_message(node)}")
+            took = now - node_start.get(key, now)
+            state.ended = now
+            LOG.info("%s: %-24s %s %6.1f s", pid, node.name, "done  " if status == "end" else "FAILED", took)
+            if status == "end":
+                state.finished_nodes.add(node.name)
+            else:
+                state.errors.append(f"{node.name}: {crash_message(node)}")
 
     # forkserver: workers must not be forked from a process that already runs torch/OpenMP threads (the
     # training command and tests call this in-process after using torch): such forks deadlock.
@@ -306,22 +346,33 @@ def run_one_participant(settings: RunSettings, inputs, model, provenance, *,
     # each pass rescans every object alive in this process (measured: ~0.3-1 s per pass with torch imported,
     # 12 % of a core during a run); frozen objects are skipped, newer ones are still collected
     gc.freeze()
+    crash: str | None = None
     try:
-        workflow.run(plugin=plugin, plugin_args=plugin_args)
-    except Exception as exc:  # nipype raises RuntimeError after the crashed nodes; details in `errors`
-        message = "; ".join(errors) or f"{exc.__class__.__name__}: {exc}"
-        took = time.monotonic() - start
+        cohort.run(plugin=plugin, plugin_args=plugin_args)
+    except Exception as exc:  # nipype raises RuntimeError after the crashed nodes; details per participant
+        crash = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    finally:
+        gc.unfreeze()
+    statuses = []
+    for state in progress.values():
+        inputs, model = state.inputs, state.model
+        pid, config = inputs.participant_id, model.card.configuration
+        took = (state.ended or time.monotonic()) - (state.started or time.monotonic())
+        done = not state.errors and {"ds_outputs", "ds_report"} <= state.finished_nodes
+        if done:
+            final_report(settings, inputs, model, took, [], failed=False)
+            LOG.info("%s: finished in %.0f s; report: %s", pid, took, settings.output_dir / f"{pid}.html")
+            statuses.append(ParticipantStatus(pid, "done", config, took,
+                                              measures_tsv=session_outputs(settings, inputs, model).measures_tsv))
+            continue
+        errors = state.errors or [f"not finished ({crash or 'stopped'}; --stop-on-first-crash stops every "
+                                  f"participant at the first failure)"]
+        message = "; ".join(errors)
         LOG.error("%s: failed after %.0f s: %s (crash files: %s)", pid, took, message,
                   settings.output_dir / "logs" / "crashes")
-        final_report(settings, inputs, model, took, errors or [message], failed=True)
-        return ParticipantStatus(pid, "failed", card.configuration, took, message)
-    finally:
-        gc.unfreeze()  # this participant's workflow objects become collectable again
-    took = time.monotonic() - start
-    final_report(settings, inputs, model, took, [], failed=False)
-    LOG.info("%s: finished in %.0f s; report: %s", pid, took, settings.output_dir / f"{pid}.html")
-    return ParticipantStatus(pid, "done", card.configuration, took, measures_tsv=session_outputs(
-        settings, inputs, model).measures_tsv)
+        final_report(settings, inputs, model, took, errors, failed=True)
+        statuses.append(ParticipantStatus(pid, "failed", config, took, message))
+    return statuses
 
 
 def session_outputs(settings: RunSettings, inputs, model):

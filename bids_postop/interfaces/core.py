@@ -128,6 +128,8 @@ class ApplyBrainMask(SimpleInterface):
 
 class _SegmentInputSpec(BaseInterfaceInputSpec):
     model_folder = traits.Str(mandatory=True, desc="folder holding the model card")
+    model_digest = traits.Str(desc="content digest of the model's card and weights: part of the node's hash, so a "
+                                   "cached probability map is reused only for the same model bytes")
     device = traits.Str("cpu", usedefault=True)
     threads = traits.Int(1, usedefault=True)
     use_mirroring = traits.Bool(True, usedefault=True)
@@ -206,7 +208,7 @@ class PostProcess(SimpleInterface):
     def _run_interface(self, runtime):
         import numpy as np
 
-        from bids_postop.core.images import load_3d, voxel_sizes, write_like
+        from bids_postop.core.images import load_3d, write_like
         from bids_postop.core.postprocess import postprocess_probability, volume_ml
 
         prob_img = load_3d(self.inputs.probseg, what="probability map")
@@ -215,9 +217,9 @@ class PostProcess(SimpleInterface):
             from bids_postop.core.masks import load_binary_mask
 
             preop = load_binary_mask(self.inputs.preop_mask, what="pre-operative tumour mask")
-            preop_ml = volume_ml(np.asarray(preop.dataobj) > 0, voxel_sizes(preop))
+            preop_ml = volume_ml(np.asarray(preop.dataobj) > 0, preop.affine)  # |det(affine)| per voxel
         mask, measures = postprocess_probability(
-            np.asarray(prob_img.dataobj, dtype=np.float32), voxel_sizes(prob_img),
+            np.asarray(prob_img.dataobj, dtype=np.float32), prob_img.affine,
             threshold=self.inputs.threshold, min_component_voxels=self.inputs.min_component_voxels,
             cutoff_ml=self.inputs.gtr_cutoff_ml, gtr_inclusive=self.inputs.gtr_inclusive,
             preop_volume_ml=preop_ml)

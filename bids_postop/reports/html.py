@@ -205,8 +205,11 @@ def _summary(data: Mapping[str, Any], context: Mapping[str, Any]) -> str:
     if "measures" not in data:
         parts.append('<div class="banner clinical" id="no-results">No results for this session: processing did '
                      'not finish (see <a href="#issues">Warnings and errors</a>).</div>')
-    if "not for clinical use" in intended.lower():
-        parts.append(f'<div class="banner clinical" id="intended-use">Model intended use: {_e(intended)}. '
+    # the card's boolean decides, never the wording of its intended use
+    if data.get("not_for_clinical_use") or model.get("not_for_clinical_use"):
+        parts.append(f'<div class="banner clinical" id="intended-use">NOT FOR CLINICAL USE: the model card flags '
+                     f'{_e(model.get("name", "this model"))} as not for clinical use'
+                     f'{" (" + _e(intended) + ")" if intended else ""}. '
                      "Do not use these results for patient care.</div>")
     elif intended:
         parts.append(f'<p id="intended-use"><b>Model intended use:</b> {_e(intended)}</p>')
@@ -398,7 +401,7 @@ def _split_prefix(prefix: str) -> tuple[str, str | None]:
 def rebuild_reports(output_dir: Path) -> list[Path]:
     """Write every participant's report again from ``sub-*/figures/`` and the measures JSON files.
 
-    For ``--reports-only``: nothing is recomputed. Each ``sub-*/[ses-*/]*_desc-residual_measures.json``
+    For ``--reports-only``: nothing is recomputed. Each ``sub-*/[ses-*/]*_measures.json``
     gives one report, and so does a saved report context without measures (a run that failed). A
     participant with several sessions gets the last one with measures, in sorted order, and a warning
     naming the others. Returns the HTML files written, sorted by participant.
@@ -408,7 +411,7 @@ def rebuild_reports(output_dir: Path) -> list[Path]:
     for context in sorted(output_dir.glob(f"sub-*/figures/*_desc-{CONTEXT_DESC}_report.json")):
         subject, session = _split_prefix(context.name.split(f"_desc-{CONTEXT_DESC}_")[0])
         found.setdefault(subject, {})[session] = None
-    for measures in sorted(output_dir.glob("sub-*/**/*_desc-residual_measures.json")):
+    for measures in sorted(output_dir.glob("sub-*/**/*_measures.json")):
         subject, session = _split_prefix(measures.name.split("_desc-")[0])
         found.setdefault(subject, {})[session] = measures
     written = []

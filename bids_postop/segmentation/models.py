@@ -53,11 +53,19 @@ class ModelCard:
         that two models written into one output dataset never overwrite each other."""
         return re.sub(r"[^A-Za-z0-9]", "", self.name) or "model"
 
+    @property
+    def input_images(self) -> str:
+        """What the model is fed: ``"skull-stripped"`` registered channels (nnU-Net and models trained here), or
+        ``"registered"`` scans before skull stripping plus the brain mask (published Raidionics packages, as the
+        official Raidionics pipeline feeds them)."""
+        return str(self.details.get("input_images", "skull-stripped"))
+
     def provenance(self) -> dict[str, Any]:
         return {"name": self.name, "architecture": self.architecture, "configuration": self.configuration,
                 "channels": list(self.channels), "threshold": self.threshold,
                 "intended_use": self.intended_use, "not_for_clinical_use": self.not_for_clinical_use,
-                "folder": str(self.folder)}
+                "channel_order_source": str(self.details.get("channel_order_source", "model card")),
+                "input_images": self.input_images, "folder": str(self.folder)}
 
 
 def read_card(folder: Path) -> ModelCard:
@@ -227,7 +235,8 @@ def resolve(spec: str | Path) -> list[ResolvedModel]:
     """The models named by ``--model`` (:func:`resolve_models`), each with its digest and reader convention."""
     out = []
     for card in resolve_models(spec):
-        inputs = tuple(card.channels) + (("brain_mask",) if card.architecture == "raidionics" else ())
+        inputs = tuple(f"{role} ({card.input_images})" for role in card.channels) + \
+            (("brain_mask",) if card.architecture == "raidionics" else ())
         out.append(ResolvedModel(card=card, digest=model_digest(card.folder), reader=reader_convention(card),
                                  inputs=inputs))
     return out

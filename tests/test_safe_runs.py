@@ -1,0 +1,341 @@
+"""Safe runs on real cohorts (issue #17): nothing of the user's deleted, nothing stale, nothing overwritten,
+no network, no silent skips.
+
+Fast tests check the refusals (they happen before anything is written); the slow ones run the participant
+level for real (one demo participant, configuration B) and check caching on the model's bytes, two models in one
+output, headers, the not-for-clinical-use flag and an offline run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import make_bids, write_nifti
+
+from bids_postop.cli.run import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Relative path → sha256 (or "dir"/"link") of everything under ``root``."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            out[rel] = "link:" + os.readlink(path)
+        elif path.is_dir():
+            out[rel] = "dir"
+        else:
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    ce = "ses-postop/anat/sub-01_ses-postop_ce-gadolinium_T1w.nii.gz"
+    return make_bids(tmp_path / "bids", {"01": {ce: None}}, preop_masks={"01": "preop"})
+
+
+# --- work directory: never inside or around the data ----------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["bids", "inside-bids", "inside-preop", "preop", "inside-output", "output",
+                                   "contains-output", "home"])
+def test_work_dir_in_or_around_the_data_is_refused_and_nothing_is_touched(dataset, tmp_path, where, monkeypatch):
+    preop = dataset / "derivatives" / "preop"
+    out = tmp_path / "results" / "bids_postop"
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("a result")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    work = {"bids": dataset, "inside-bids": dataset / "derivatives" / "work", "inside-preop": preop / "work",
+            "preop": preop, "inside-output": out / "work", "output": out, "contains-output": tmp_path / "results",
+            "home": tmp_path / "home"}[where]
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "old.txt").write_text("anything")
+    before_bids, before_out, before_work = tree_digest(dataset), tree_digest(out), tree_digest(work)
+    code = main([str(dataset), str(out), "participant", "--model", "demo", "-w", str(work), "--clean-workdir",
+                 "-d", f"preop={preop}", "--skip-bids-validation"])
+    assert code == 64
+    assert tree_digest(dataset) == before_bids and tree_digest(out) == before_out
+    assert tree_digest(work) == before_work, "nothing deleted"
+    assert not (out / "logs").exists(), "nothing written, not even a log"
+
+
+def test_arguments_swapped_write_nothing_into_the_dataset(dataset, tmp_path, capsys):
+    before = tree_digest(dataset)
+    # OUTPUT_DIR BIDS_DIR (swapped) with a not-yet-existing output: the "BIDS folder" does not exist
+    assert main([str(tmp_path / "out"), str(dataset), "participant", "--model", "demo",
+                 "-w", str(tmp_path / "work")]) == 66
+    assert tree_digest(dataset) == before and not (dataset / "logs").exists()
+    # with an existing derivatives folder as "BIDS folder": the raw dataset as output is refused
+    (tmp_path / "deriv").mkdir()
+    (tmp_path / "deriv" / "dataset_description.json").write_text(json.dumps(
+        {"Name": "d", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}))
+    assert main([str(tmp_path / "deriv"), str(dataset), "participant", "--model", "demo",
+                 "-w", str(tmp_path / "work")]) == 73
+    assert "swapped" in capsys.readouterr().err
+    assert tree_digest(dataset) == before
+
+
+def test_unwritable_work_dir_exits_73_naming_it(dataset, tmp_path, capsys):
+    code = main([str(dataset), str(tmp_path / "out"), "participant", "--model", "demo", "-w", "/proc/bids_work",
+                 "--skip-bids-validation"])
+    assert code == 73
+    assert "/proc/bids_work: cannot write to the work directory" in capsys.readouterr().err
+
+
+# --- no silent demo model -------------------------------------------------------------------------------------
+
+def test_participant_level_without_model_is_refused_listing_installed_models(dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BIDS_POSTOP_HOME", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "MRI_GBM_Postop_FV_2p").mkdir(parents=True)
+    (tmp_path / "cache" / "MRI_GBM_Postop_FV_2p" / "pre_processing.ini").write_text("[Default]\n")
+    out = tmp_path / "out"
+    assert main([str(dataset), str(out), "participant", "-w", str(tmp_path / "work")]) == 64
+    err = capsys.readouterr().err
+    assert "--model is required" in err and "MRI_GBM_Postop_FV_2p" in err and "bids_postop-models fetch" in err
+    assert not out.exists() and not (tmp_path / "work").exists(), "nothing written"
+
+
+def test_demo_cards_are_flagged_not_for_clinical_use():
+    from bids_postop.segmentation.models import resolve
+
+    models = resolve("demo")
+    assert models and all(m.not_for_clinical_use for m in models)
+    assert all(m.provenance()["not_for_clinical_use"] is True for m in models)
+
+
+# --- headers ---------------------------------------------------------------------------------------------------
+
+def qform_differs_from_sform(path: Path) -> None:
+    """Rewrite ``path`` with a qform 0.5 mm away from its sform (as some converters write them)."""
+    img = nib.load(path)
+    data = np.asanyarray(img.dataobj)
+    sform = img.affine.copy()
+    qform = sform.copy()
+    qform[0, 3] += 0.5
+    out = nib.Nifti1Image(data, sform, img.header)
+    out.set_sform(sform, code=2)
+    out.set_qform(qform, code=1)
+    nib.save(out, path)
+
+
+def test_write_like_keeps_the_source_qform_and_sform(tmp_path):
+    from bids_postop.core.images import load_3d, write_like
+
+    source = write_nifti(tmp_path / "src.nii.gz", np.zeros((6, 7, 8), np.float32),
+                         np.array([[0.9, 0.1, 0, -10], [0, 1.1, 0, 20], [0, 0, 2.5, 5], [0, 0, 0, 1]]))
+    qform_differs_from_sform(source)
+    written = nib.load(write_like(np.ones((6, 7, 8)), load_3d(source), tmp_path / "out.nii.gz", dtype=np.uint8))
+    ref = nib.load(source)
+    for key in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+                "qoffset_z", "srow_x", "srow_y", "srow_z"):
+        assert np.array_equal(written.header[key], ref.header[key]), key
+    assert np.array_equal(written.header.get_qform(), ref.header.get_qform())
+    assert not np.allclose(written.header.get_qform(), written.header.get_sform())
+
+
+# --- BIDS validation: only the participants being run ---------------------------------------------------------
+
+def test_validation_holds_only_the_participants_run_to_it(tmp_path):
+    from bids_postop.bids.validation import validate_dataset
+    from bids_postop.errors import InputDataError
+
+    ce = "ses-postop/anat/sub-{s}_ses-postop_ce-gadolinium_T1w.nii.gz"
+    root = make_bids(tmp_path / "bids", {"01": {ce.format(s="01"): None}, "02": {ce.format(s="02"): None}})
+    write_nifti(root / "sub-02" / "ses-postop" / "anat" / "sub-02_ses-postop_bogus.nii.gz", np.zeros((4, 4, 4)))
+    result = validate_dataset(root, participants=["01"])
+    assert result.validator.startswith("bids-validator-deno 3.") and result.errors_of_other_participants >= 1
+    with pytest.raises(InputDataError, match="sub-02_ses-postop_bogus"):
+        validate_dataset(root, participants=["sub-02"])
+    with pytest.raises(InputDataError, match="sub-02_ses-postop_bogus"):
+        validate_dataset(root)
+
+
+# --- no silent skips ------------------------------------------------------------------------------------------
+
+def test_a_skip_not_on_the_allow_list_fails_the_run(tmp_path):
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "conftest.py").write_text(textwrap.dedent(f"""
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("repo_conftest", {str(REPO / "tests" / "conftest.py")!r})
+        repo_conftest = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(repo_conftest)
+        pytest_sessionfinish = repo_conftest.pytest_sessionfinish  # the repository's hook, as is
+    """))
+    (tests / "test_x.py").write_text(textwrap.dedent("""
+        import pytest
+
+        def test_allowed():
+            pytest.skip("needs 20 GiB of free memory")
+
+        def test_passes():
+            pass
+    """))
+    run = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)]
+    allowed = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stdout
+    (tests / "test_y.py").write_text("import pytest\n\ndef test_missing():\n    pytest.skip('tool not found')\n")
+    refused = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode == 1 and "tool not found" in refused.stdout, refused.stdout
+
+
+# --- real runs: caching on the model's bytes, two models, headers, offline -----------------------------------
+
+NETWORK_GUARD = '''
+import os, socket
+_LOG = os.environ["BIDS_POSTOP_TEST_NETWORK_LOG"]
+
+
+def _refuse(what):
+    with open(_LOG, "a") as handle:
+        handle.write(f"{os.getpid()} {what!r}\\n")
+    raise OSError("network use refused by the offline test")
+
+
+_connect = socket.socket.connect
+
+
+def _guarded_connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _refuse(address)
+    return _connect(self, address)
+
+
+socket.socket.connect = _guarded_connect
+socket.getaddrinfo = lambda *args, **kwargs: _refuse(args)
+'''
+
+
+def offline_command(argv: list[str], guard_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The CLI in a network namespace without network (when ``unshare -n`` works here, as root does) and with a
+    socket guard in every Python interpreter it starts (``sitecustomize``), which logs any attempt."""
+    guard_dir.mkdir(parents=True, exist_ok=True)
+    (guard_dir / "sitecustomize.py").write_text(NETWORK_GUARD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(guard_dir), os.environ.get("PYTHONPATH", "")]),
+           "BIDS_POSTOP_TEST_NETWORK_LOG": str(guard_dir / "attempts.log")}
+    env.pop("NIPYPE_NO_ET", None)  # the app itself must turn nipype's version check off
+    command = [sys.executable, "-m", "bids_postop.cli.run", *argv]
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "-n", "true"], capture_output=True).returncode == 0:
+        command = [unshare, "-n", *command]
+    return command, env
+
+
+def perturb_weights(model: Path) -> None:
+    """Replace the model's weights in place (same file name, same architecture, other values)."""
+    import torch
+
+    ckpt = model / "nnunet" / "fold_0" / "checkpoint_final.pth"
+    data = torch.load(ckpt, map_location="cpu", weights_only=True)
+    data["network_weights"] = {k: v * 1.5 if v.is_floating_point() else v for k, v in data["network_weights"].items()}
+    torch.save(data, ckpt)
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """sub-04 of the demo (configuration B) with a qform 0.5 mm away from its sform, run offline with a copy of
+    the demo model B, then rerun with the same -w after its weights were replaced in place."""
+    from bids_postop.demo.dataset import write_demo_dataset
+    from bids_postop.segmentation.models import DEMO_MODELS
+
+    tmp = tmp_path_factory.mktemp("safe_runs")
+    bids = tmp / "bids"
+    write_demo_dataset(bids, seed=0, n_participants=4)
+    t1ce = next((bids / "sub-04" / "ses-postop" / "anat").glob("*_ce-*_T1w.nii.gz"))
+    qform_differs_from_sform(t1ce)
+    model = tmp / "models" / "B"
+    shutil.copytree(DEMO_MODELS / "B", model)
+    out, work = tmp / "out", tmp / "work"
+    argv = [str(bids), str(out), "participant", "--participant-label", "04", "--model", str(model), "-w", str(work),
+            "--no-tta", "--nprocs", "2", "--device", "cpu"]
+    command, env = offline_command(argv, tmp / "guard")
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    measures = next((out / "sub-04" / "ses-postop").glob("*_measures.json"))
+    before = {"measures": json.loads(measures.read_text()),
+              "probseg": np.asanyarray(nib.load(out / json.loads(measures.read_text())["outputs"]["residual_probseg"])
+                                       .dataobj).copy()}
+    perturb_weights(model)
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    return {"bids": bids, "out": out, "work": work, "t1ce": t1ce, "model": model, "first": first, "second": second,
+            "before": before, "measures": measures, "guard": tmp / "guard", "argv": argv}
+
+
+@pytest.mark.slow
+def test_offline_run_completes_without_any_network_attempt(real_run):
+    assert real_run["first"].returncode == 0, real_run["first"].stderr[-3000:]
+    attempts = real_run["guard"] / "attempts.log"
+    assert not attempts.exists(), attempts.read_text()
+
+
+@pytest.mark.slow
+def test_outputs_keep_the_source_qform_and_sform(real_run):
+    source = nib.load(real_run["t1ce"])
+    data = json.loads(real_run["measures"].read_text())
+    for rel in data["outputs"].values():
+        out = nib.load(real_run["out"] / rel)
+        assert np.array_equal(out.header.get_qform(), source.header.get_qform()), rel
+        assert np.array_equal(out.header.get_sform(), source.header.get_sform()), rel
+        assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (1, 2), rel
+
+
+@pytest.mark.slow
+def test_not_for_clinical_use_is_said_by_every_output(real_run):
+    data = json.loads(real_run["measures"].read_text())
+    assert data["not_for_clinical_use"] is True and data["model"]["not_for_clinical_use"] is True
+    tsv = real_run["measures"].with_suffix(".tsv").read_text().splitlines()
+    row = dict(zip(tsv[0].split("\t"), tsv[1].split("\t"), strict=True))
+    assert row["not_for_clinical_use"] == "true"
+    sidecar = json.loads((real_run["out"] / data["outputs"]["residual_mask"].replace(".nii.gz", ".json")).read_text())
+    assert sidecar["NotForClinicalUse"] is True
+    report = (real_run["out"] / "sub-04.html").read_text()
+    assert 'id="intended-use"' in report and "Do not use these results for patient care" in report
+    assert "NOT FOR CLINICAL USE" in real_run["first"].stderr  # the log's final table
+
+
+@pytest.mark.slow
+def test_weights_replaced_in_place_are_recomputed_with_the_same_work_dir(real_run):
+    assert real_run["second"].returncode == 0, real_run["second"].stderr[-3000:]
+    after = json.loads(real_run["measures"].read_text())
+    before = real_run["before"]["measures"]
+    assert after["model"]["digest"] != before["model"]["digest"]
+    probseg = np.asanyarray(nib.load(real_run["out"] / after["outputs"]["residual_probseg"]).dataobj)
+    assert not np.array_equal(probseg, real_run["before"]["probseg"]), "the cached probability map was reused"
+    # the steps before segmentation were reused from the work directory (only the model changed)
+    assert "register_postop_t1" not in real_run["second"].stderr or "done" in real_run["second"].stderr
+
+
+@pytest.mark.slow
+def test_two_models_into_one_output_keep_both(real_run):
+    """A second model into the same output: both results kept, each measures file names its own masks."""
+    other = real_run["model"].parent / "other"
+    shutil.copytree(real_run["model"], other)
+    card = json.loads((other / "bids_postop_model.json").read_text())
+    card["name"] = "other-B"
+    (other / "bids_postop_model.json").write_text(json.dumps(card, indent=2))
+    argv = [*real_run["argv"]]
+    argv[argv.index("--model") + 1] = str(other)
+    proc = subprocess.run([sys.executable, "-m", "bids_postop.cli.run", *argv], capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    session = real_run["out"] / "sub-04" / "ses-postop"
+    measures = sorted(session.glob("*_measures.json"))
+    assert [m.name for m in measures] == ["sub-04_ses-postop_desc-demoB_measures.json",
+                                          "sub-04_ses-postop_desc-otherB_measures.json"]
+    outputs = [json.loads(m.read_text())["outputs"] for m in measures]
+    assert outputs[0]["residual_mask"] != outputs[1]["residual_mask"]
+    for out in outputs:
+        for rel in out.values():
+            assert (real_run["out"] / rel).is_file(), rel
