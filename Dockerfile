@@ -29,10 +29,15 @@ RUN python -m venv /opt/venv \
 
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0
+# set by scripts/container_check.sh (or: --build-arg VCS_REF=$(git rev-parse HEAD) --build-arg BUILD_DATE=...)
+ARG VCS_REF=unknown
+ARG BUILD_DATE=unknown
 ARG BIDS_POSTOP_MODELS=""
 LABEL org.opencontainers.image.title="bids_postop" \
       org.opencontainers.image.description="Residual glioblastoma segmentation in early post-operative MRI (BIDS app)" \
       org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}" \
       org.opencontainers.image.licenses="Apache-2.0"
 # g++: --nnunet-engine compiled (torch.compile) builds its CPU kernels at run time; without it that engine falls
 # back to torch with a warning. Same version as the CI machine (Debian bookworm).
@@ -42,18 +47,26 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 # HOME and caches writable by any UID (docker run -u, Singularity): HD-BET and nnU-Net write under HOME; torch's
 # compile cache is named by user name by default, which an arbitrary UID without a passwd entry has not.
+# BIDS_POSTOP_CACHES_IN_WORKDIR: the participant level moves the torch/matplotlib caches into the work folder,
+# one set per job (Singularity binds the host's /tmp: jobs of several users would share /tmp/torchinductor).
+# NIPYPE_NO_ET: no online version check (bids_postop turns it off too).
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp/home \
     MPLCONFIGDIR=/tmp/home/.config/matplotlib \
     nnUNet_raw=/tmp/nnunet/raw nnUNet_preprocessed=/tmp/nnunet/preprocessed nnUNet_results=/tmp/nnunet/results \
     BIDS_POSTOP_HOME=/opt/bids_postop/models \
     TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
+    NIPYPE_NO_ET=1 \
+    BIDS_POSTOP_CACHES_IN_WORKDIR=1 \
+    BIDS_POSTOP_CONTAINER_TYPE=docker \
+    BIDS_POSTOP_CONTAINER_TAG="bids_postop:${VERSION}" \
     PYTHONUNBUFFERED=1
 # Baked models are read-only at run time; to fetch more, point BIDS_POSTOP_HOME at a writable bind mount.
 RUN mkdir -p /tmp/home "${BIDS_POSTOP_HOME}" && chmod 1777 /tmp/home \
     && if [ -n "${BIDS_POSTOP_MODELS}" ]; then bids_postop-models fetch ${BIDS_POSTOP_MODELS}; fi \
     && chmod -R a+rX "${BIDS_POSTOP_HOME}" \
     && bids_postop-models list \
-    && bids_postop --version
+    && bids_postop --version \
+    && bids-validator-deno --version
 WORKDIR /tmp
 ENTRYPOINT ["bids_postop"]

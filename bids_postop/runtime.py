@@ -44,3 +44,26 @@ def set_thread_environment(threads: int) -> None:
     """ITK (ANTs) and OpenMP thread counts for this process and the workers it starts."""
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+# Caches that libraries keep under fixed paths; in the images they default to /tmp, which Singularity binds from
+# the host, so concurrent jobs of several users would share (and race on) them.
+_WORK_DIR_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "MPLCONFIGDIR": "matplotlib",
+                    "XDG_CACHE_HOME": "xdg"}
+CACHES_IN_WORK_DIR = "BIDS_POSTOP_CACHES_IN_WORKDIR"  # set by the container images
+
+
+def use_work_dir_caches(work_dir) -> dict[str, str]:
+    """Point library caches at ``<work_dir>/.cache/`` (one set per job, on the bound work folder) when the
+    images ask for it (``BIDS_POSTOP_CACHES_IN_WORKDIR=1``); returns what was set (for the provenance)."""
+    from pathlib import Path
+
+    if os.environ.get(CACHES_IN_WORK_DIR, "") not in ("1", "true", "yes"):
+        return {}
+    root = Path(work_dir) / ".cache"
+    chosen = {}
+    for variable, folder in _WORK_DIR_CACHES.items():
+        path = root / folder
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[variable] = chosen[variable] = str(path)
+    return chosen

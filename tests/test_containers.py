@@ -39,6 +39,12 @@ def test_dockerfile_and_singularity_agree_with_the_package():
     assert re.search(r"apt-get install .*\bg\+\+=", docker)
     assert "TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor" in docker
     assert "TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor" in recipe.environ
+    # offline, per-job caches, the container named in dataset_description.json; built from the local image
+    for line in ("NIPYPE_NO_ET=1", "BIDS_POSTOP_CACHES_IN_WORKDIR=1"):
+        assert line in docker and line in recipe.environ, line
+    assert "BIDS_POSTOP_CONTAINER_TYPE=docker" in docker and "BIDS_POSTOP_CONTAINER_TYPE=singularity" in recipe.environ
+    assert re.search(r"^Bootstrap: docker-daemon$", (REPO / "Singularity.def").read_text(), re.M)
+    assert 'org.opencontainers.image.revision="${VCS_REF}"' in docker
 
 
 def test_descriptor_is_up_to_date_with_the_parser():

@@ -49,21 +49,45 @@ def test_summary_row_writes_n_a_for_unknowns_and_booleans_in_lower_case():
                                 "0.1750", "false", "true"]
 
 
-def test_dataset_description_is_written_once_and_bidsignore_merged(tmp_path):
+def test_dataset_description_is_kept_current_and_bidsignore_merged(tmp_path, monkeypatch):
+    from bids_postop.bids import derivatives as D
+
     bids = tmp_path / "bids"
-    bids.mkdir()
+    (bids / "derivatives" / "preop").mkdir(parents=True)
+    masks = tmp_path / "elsewhere" / "masks"
+    masks.mkdir(parents=True)
     out = tmp_path / "out"
     (out).mkdir()
     (out / ".bidsignore").write_text("extra/\n")
-    desc = write_dataset_description(out, bids)
+    desc = write_dataset_description(out, bids, derivatives={"preop": bids / "derivatives" / "preop"})
     data = json.loads(desc.read_text())
     assert data["DatasetType"] == "derivative" and data["GeneratedBy"][0]["Name"] == "bids_postop"
     assert data["SourceDatasets"][0]["URL"].startswith("file://")
+    assert set(data["DatasetLinks"]) == {"raw", "preop"} and "License" in data and "Helland" in data["HowToAcknowledge"]
     mtime = desc.stat().st_mtime_ns
-    write_dataset_description(out, bids)
-    assert desc.stat().st_mtime_ns == mtime
+    write_dataset_description(out, bids, derivatives={"preop": bids / "derivatives" / "preop"})
+    assert desc.stat().st_mtime_ns == mtime, "unchanged content is not rewritten"
+    # a later run with another version and another -d dataset: GeneratedBy names it first, links are merged
+    monkeypatch.setattr(D, "__version__", "9.9.9")
+    monkeypatch.setenv("BIDS_POSTOP_CONTAINER_TYPE", "docker")
+    data = json.loads(write_dataset_description(out, bids, derivatives={"masks": masks}).read_text())
+    assert [g["Version"] for g in data["GeneratedBy"]] == ["9.9.9", "0.1.0"]
+    assert data["GeneratedBy"][0]["Container"] == {"Type": "docker", "Tag": "bids_postop:9.9.9"}
+    assert set(data["DatasetLinks"]) == {"raw", "preop", "masks"}
     ignore = (out / ".bidsignore").read_text().splitlines()
     assert ignore[0] == "extra/" and "logs" in ignore and "sub-*/figures" in ignore and len(ignore) == len(set(ignore))
+
+
+def test_sources_are_bids_uris_of_the_dataset_holding_them(tmp_path):
+    from bids_postop.bids.derivatives import bids_uri
+
+    bids, masks = tmp_path / "bids", tmp_path / "masks"
+    inside = bids / "derivatives" / "preop"
+    links = {"preop": inside, "masks": masks}
+    assert bids_uri(bids / "sub-01" / "anat" / "a.nii.gz", bids, derivatives=links) == "bids:raw:sub-01/anat/a.nii.gz"
+    assert bids_uri(inside / "sub-01" / "m.nii.gz", bids, derivatives=links) == "bids:preop:sub-01/m.nii.gz"
+    assert bids_uri(masks / "sub-01" / "m.nii.gz", bids, derivatives=links) == "bids:masks:sub-01/m.nii.gz"
+    assert bids_uri(tmp_path / "x.nii.gz", bids, derivatives=links).startswith("file://")
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):

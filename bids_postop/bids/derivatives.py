@@ -102,13 +102,18 @@ def sidecar(image: Path) -> Path:
     return image.with_suffix(".json")
 
 
-def bids_uri(path: Path, bids_dir: Path, *, dataset: str = RAW_LINK) -> str:
-    """BIDS URI of an input file, relative to the dataset named in DatasetLinks."""
-    try:
-        rel = path.resolve().relative_to(bids_dir.resolve())
-    except ValueError:
-        return path.resolve().as_uri()
-    return f"bids:{dataset}:{rel.as_posix()}"
+def bids_uri(path: Path, bids_dir: Path, *, dataset: str = RAW_LINK,
+             derivatives: Mapping[str, Path] | None = None) -> str:
+    """BIDS URI of an input file, relative to the dataset of DatasetLinks that holds it: ``bids_dir`` (named
+    ``dataset``) or one of the ``-d`` ``derivatives`` datasets (by name; the deepest folder wins, so a -d dataset
+    inside ``bids_dir/derivatives/`` is named as itself). A file in none of them keeps a ``file://`` URI."""
+    resolved = path.resolve()
+    roots = [(dataset, Path(bids_dir).resolve()), *((n, Path(r).resolve()) for n, r in (derivatives or {}).items())]
+    holders = [(name, root) for name, root in roots if root == resolved or root in resolved.parents]
+    if not holders:
+        return resolved.as_uri()
+    name, root = max(holders, key=lambda item: len(item[1].parts))
+    return f"bids:{name}:{resolved.relative_to(root).as_posix()}"
 
 
 # --- atomic writing -------------------------------------------------------------------------------
@@ -168,20 +173,59 @@ def output_lock(output_dir: Path) -> Iterator[None]:
 
 # --- dataset level --------------------------------------------------------------------------------
 
-def write_dataset_description(output_dir: Path, bids_dir: Path) -> Path:
-    """Write dataset_description.json (and .bidsignore) once; later runs keep the first one."""
+ACKNOWLEDGEMENT = ("Cite the method (Helland, Bouget et al., Segmentation of glioblastomas in early post-operative "
+                   "multi-modal MRI with deep neural networks, Scientific Reports 13, 18897, 2023) and bids_postop "
+                   "with the versions in logs/CITATION.md, which also names the model, brain extraction and "
+                   "registration used.")
+
+
+def container_description() -> dict[str, str] | None:
+    """The container this run is in, from the variables the images set (BIDS ``Container``), else ``None``."""
+    kind = os.environ.get("BIDS_POSTOP_CONTAINER_TYPE")
+    if not kind:
+        return None
+    return {"Type": kind, "Tag": os.environ.get("BIDS_POSTOP_CONTAINER_TAG", f"bids_postop:{__version__}")}
+
+
+def write_dataset_description(output_dir: Path, bids_dir: Path, *,
+                              derivatives: Mapping[str, Path] | None = None) -> Path:
+    """Write or update dataset_description.json (and .bidsignore) under the output lock.
+
+    ``GeneratedBy`` names the running version first (a rerun with another version updates it; earlier versions
+    stay listed after it); ``DatasetLinks`` names the input dataset (``raw``) and every ``-d`` dataset, so that
+    ``Sources`` are ``bids:<name>:<path>`` URIs; ``License``, ``HowToAcknowledge`` and, inside the images,
+    ``Container`` are set. Other keys a user added are kept.
+    """
     dest = output_dir / "dataset_description.json"
+    links = {RAW_LINK: Path(bids_dir).resolve().as_uri(),
+             **{name: Path(path).resolve().as_uri() for name, path in (derivatives or {}).items()}}
     with output_lock(output_dir):
-        if not dest.exists():
-            atomic_write_json(dest, {
-                "Name": "bids_postop: residual tumour segmentation in early post-operative MRI",
-                "BIDSVersion": BIDS_VERSION,
-                "DatasetType": "derivative",
-                "GeneratedBy": [{"Name": PIPELINE_NAME, "Version": __version__,
-                                 "CodeURL": "https://pypi.org/project/bids_postop/"}],
-                "SourceDatasets": [{"URL": bids_dir.resolve().as_uri()}],
-                "DatasetLinks": {RAW_LINK: bids_dir.resolve().as_uri()},
-            })
+        try:
+            current = json.loads(dest.read_text()) if dest.exists() else {}
+        except ValueError:
+            current = {}
+        ours = {"Name": PIPELINE_NAME, "Version": __version__, "CodeURL": "https://pypi.org/project/bids_postop/"}
+        container = container_description()
+        if container:
+            ours["Container"] = container
+        earlier = [g for g in current.get("GeneratedBy", []) if isinstance(g, dict)
+                   and not (g.get("Name") == PIPELINE_NAME and g.get("Version") == __version__)]
+        sources = current.get("SourceDatasets", [])
+        if not any(isinstance(s, dict) and s.get("URL") == links[RAW_LINK] for s in sources):
+            sources = [{"URL": links[RAW_LINK]}, *sources]
+        description = {
+            "Name": "bids_postop: residual tumour segmentation in early post-operative MRI",
+            "BIDSVersion": BIDS_VERSION,
+            **current,
+            "DatasetType": "derivative",
+            "GeneratedBy": [ours, *earlier],
+            "SourceDatasets": sources,
+            "DatasetLinks": {**current.get("DatasetLinks", {}), **links},
+            "License": current.get("License", "The license of the input dataset applies to these derivatives"),
+            "HowToAcknowledge": ACKNOWLEDGEMENT,
+        }
+        if description != current:
+            atomic_write_json(dest, description)
         ignore = output_dir / ".bidsignore"
         present = ignore.read_text().splitlines() if ignore.exists() else []
         wanted = [p for p in BIDSIGNORE if p not in present]
@@ -226,6 +270,7 @@ def write_session_outputs(
     model: Mapping[str, Any],
     configuration: str,
     extra_provenance: Mapping[str, Any] | None = None,
+    derivatives: Mapping[str, Path] | None = None,
 ) -> SessionOutputs:
     """Copy one session's results into place with sidecars and the measures TSV/JSON.
 
@@ -236,8 +281,8 @@ def write_session_outputs(
     label = str(model.get("derivatives_desc") or "".join(ch for ch in str(model.get("name", "")) if ch.isalnum())
                 or "model")
     outputs = SessionOutputs.for_source(output_dir, sources["postop_t1ce"], subject, session, model_label=label)
-    source_uris = [bids_uri(p, bids_dir) for p in sources.values()]
-    t1ce_uri = bids_uri(sources["postop_t1ce"], bids_dir)
+    source_uris = [bids_uri(p, bids_dir, derivatives=derivatives) for p in sources.values()]
+    t1ce_uri = bids_uri(sources["postop_t1ce"], bids_dir, derivatives=derivatives)
     model_info = dict(model)
     not_clinical = bool(model_info.get("not_for_clinical_use", False))
     common = {"SpatialReference": t1ce_uri}
@@ -271,7 +316,7 @@ def write_session_outputs(
         "configuration": configuration, "model": model_info, "not_for_clinical_use": not_clinical,
         "measures": dict(measures),
         "outputs": outputs.relative(output_dir),
-        "sources": {role: bids_uri(p, bids_dir) for role, p in sources.items()},
+        "sources": {role: bids_uri(p, bids_dir, derivatives=derivatives) for role, p in sources.items()},
         "provenance": dict(extra_provenance or {}),
         "definitions": {
             "residual_volume_ml": "voxel count x product of voxel sizes (mm^3) / 1000, on the T1w-CE grid",

@@ -22,7 +22,7 @@ from bids_postop.errors import (
     InputDataError,
     UsageError,
 )
-from bids_postop.runtime import offline, set_thread_environment, thread_counts
+from bids_postop.runtime import offline, set_thread_environment, thread_counts, use_work_dir_caches
 from bids_postop.settings import DEFAULT_BRAIN_MODEL, RunSettings
 
 LOG = logging.getLogger("bids_postop")
@@ -214,14 +214,16 @@ def run_participants(settings: RunSettings) -> int:
         print_final_table(statuses)
         raise InputDataError("no participant has the inputs needed to run", settings.bids_dir)
 
-    write_dataset_description(settings.output_dir, settings.bids_dir)
+    write_dataset_description(settings.output_dir, settings.bids_dir, derivatives=settings.derivatives)
     configure_nipype(settings)
     # ITK reads its thread count once per process, at the first ANTs call: set it before any worker starts.
     set_thread_environment(settings.omp_nthreads)
+    caches = use_work_dir_caches(settings.work_dir)  # images: per-job caches on the bound work folder
     provenance = {"bids_postop_version": __version__, "command_line": settings.command_line,
                   "versions": package_versions(), "brain_extraction": brain_extraction,
                   "bids_validation": validation,
-                  "threads": {"nprocs": settings.nprocs, "omp_nthreads": settings.omp_nthreads}}
+                  "threads": {"nprocs": settings.nprocs, "omp_nthreads": settings.omp_nthreads},
+                  **({"caches": caches} if caches else {})}
     write_boilerplate(settings)
     statuses += run_cohort(settings, [(p, models[chosen[p.subject]]) for p in runnable], provenance,
                            brain_model=brain_model)
@@ -310,7 +312,7 @@ def run_cohort(settings: RunSettings, runnable: Sequence[tuple[object, object]],
             nnunet_engine=settings.nnunet_engine, min_component_voxels=settings.min_component_voxels,
             gtr_cutoff_ml=settings.gtr_cutoff_ml, gtr_inclusive=settings.gtr_inclusive,
             provenance={**provenance, "configuration": card.configuration, "preset": preset_provenance(settings)},
-            name=f"sub_{inputs.subject}_wf")
+            derivatives=settings.derivatives, name=f"sub_{inputs.subject}_wf")
         cohort.add_nodes([workflow])
         progress[workflow.name] = _Progress(inputs, model)
         LOG.info("%s: queued (configuration %s, model %s)", inputs.participant_id, card.configuration, card.name)
@@ -402,7 +404,8 @@ def final_report(settings: RunSettings, inputs, model, took: float, errors: list
             settings.output_dir, inputs.subject, inputs.postop_session,
             measures_json=None if failed or not outputs.measures_json.exists() else outputs.measures_json,
             figures=existing_figures(settings.output_dir, inputs.subject, inputs.postop_session),
-            inputs={role: bids_uri(p, settings.bids_dir) for role, p in inputs.files.items()},
+            inputs={role: bids_uri(p, settings.bids_dir, derivatives=settings.derivatives)
+                    for role, p in inputs.files.items()},
             warnings=warnings, errors=errors, runtime_s=round(took, 1),
             device=settings.device if settings.device != "auto" else "auto (cuda when available)")
     except Exception as exc:  # a report problem must never hide the participant's own result

@@ -15,6 +15,7 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     session = traits.Either(None, traits.Str, mandatory=True)
     site = traits.Either(None, traits.Str, mandatory=True)
     sources = traits.Dict(traits.Str, traits.Str, mandatory=True, desc="role -> input file used")
+    derivatives = traits.Dict(traits.Str, traits.Str, desc="-d datasets (name -> folder) for bids: URIs")
     configuration = traits.Str(mandatory=True)
     model = traits.Dict(mandatory=True, desc="model card provenance")
     provenance = traits.Dict(desc="extra provenance (versions, command line)")
@@ -47,7 +48,8 @@ class DerivativesSink(SimpleInterface):
             residual_mask=Path(self.inputs.residual_mask), residual_probseg=Path(self.inputs.probseg),
             brain_mask=Path(self.inputs.brain_mask), measures=json.loads(Path(self.inputs.measures).read_text()),
             model=self.inputs.model, configuration=self.inputs.configuration,
-            extra_provenance=self._provenance())
+            extra_provenance=self._provenance(),
+            derivatives={k: Path(v) for k, v in (self.inputs.derivatives or {}).items()})
         self._results["out_files"] = [str(p) for p in outputs.all_files()]
         return runtime
 

@@ -41,6 +41,7 @@ def init_participant_wf(
     gtr_cutoff_ml: float = 0.175,
     gtr_inclusive: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    derivatives: Mapping[str, Path] | None = None,
     name: str | None = None,
 ) -> pe.Workflow:
     """Build the workflow of one participant's post-operative session for one model.
@@ -99,6 +100,7 @@ def init_participant_wf(
     ds_outputs = pe.Node(DerivativesSink(
         output_dir=str(output_dir), bids_dir=str(bids_dir), subject=inputs.subject,
         session=inputs.postop_session, site=inputs.site, sources=sources, configuration=card.configuration,
+        derivatives={name: str(path) for name, path in (derivatives or {}).items()},
         model=model.provenance(), provenance=dict(provenance or {})), name="ds_outputs",
         run_without_submitting=True)
     workflow.connect([
@@ -112,7 +114,8 @@ def init_participant_wf(
 
     ds_report = pe.Node(ParticipantReport(
         output_dir=str(output_dir), subject=inputs.subject, session=inputs.postop_session,
-        inputs={role: bids_uri(Path(p), bids_dir) for role, p in sources.items()}, warnings=list(inputs.notes)),
+        inputs={role: bids_uri(Path(p), bids_dir, derivatives=derivatives) for role, p in sources.items()},
+        warnings=list(inputs.notes)),
         name="ds_report", run_without_submitting=True)
     workflow.connect([
         (inputnode, figures, [("postop_t1ce", "t1ce")]),
