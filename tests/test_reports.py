@@ -312,6 +312,11 @@ def test_report_files_and_summary(demo_report):
     assert 'class="banner clinical"' in page and "NOT FOR CLINICAL USE" in page  # from the card's flag
     assert "12 min 34 s" in page and ">cpu<" in page
     assert "bids_postop bids out participant" in page and '"folds"' in page  # command line, full model card
+    # the Methods section is generated from what ran (an nnU-Net card here), with its references
+    methods = page[page.index('id="methods"'):page.index('id="provenance"')]
+    assert 'id="methods-text"' in methods and "nnU-Net v2" in methods and "AGU-Net" not in methods
+    assert "Helland" in methods and "Isensee" in methods
+    assert "{&#x27;" not in page and "{'" not in page, "values, not Python reprs"
 
 
 def test_rebuild_reports_from_the_output_dir_alone(demo_report, tmp_path):

@@ -224,9 +224,12 @@ def run_participants(settings: RunSettings) -> int:
                   "bids_validation": validation,
                   "threads": {"nprocs": settings.nprocs, "omp_nthreads": settings.omp_nthreads},
                   **({"caches": caches} if caches else {})}
-    write_boilerplate(settings)
+    write_boilerplate(settings, list(models.values()))
     statuses += run_cohort(settings, [(p, models[chosen[p.subject]]) for p in runnable], provenance,
                            brain_model=brain_model)
+    done = [s.measures_tsv.with_suffix(".json") for s in statuses if s.status == "done" and s.measures_tsv]
+    if done:  # the methods as they ran (engine after any fallback, folds, TTA, models used)
+        write_boilerplate(settings, list(models.values()), done)
     print_final_table(statuses)
     return EXIT_OK if all(s.status == "done" for s in statuses) else EXIT_PARTICIPANT_FAILED
 
@@ -262,17 +265,29 @@ def preset_provenance(settings: RunSettings) -> dict:
             "nnunet_engine": settings.nnunet_engine}
 
 
-def write_boilerplate(settings: RunSettings) -> Path:
-    """``output_dir/logs/CITATION.md``: the methods paragraph for this run's settings and versions."""
-    from bids_postop.bids.derivatives import atomic_write_text
-    from bids_postop.reports.boilerplate import methods_text
+def write_boilerplate(settings: RunSettings, models=(), measures: Sequence[Path] = ()) -> Path:
+    """``output_dir/logs/CITATION.md`` and ``CITATION.bib``: the methods paragraph and its references.
 
-    text = methods_text(versions=package_versions(), brain_method=settings.brain_method,
-                        brain_model=settings.brain_model,
-                        min_component_voxels=settings.min_component_voxels, gtr_cutoff_ml=settings.gtr_cutoff_ml,
-                        gtr_inclusive=settings.gtr_inclusive, fast=settings.fast,
-                        use_mirroring=settings.use_mirroring, precision=settings.precision)
-    return atomic_write_text(settings.output_dir / "logs" / "CITATION.md", text)
+    Before a run it describes the settings and the models' cards (``models``: resolved models); after it, what
+    actually ran, from the finished participants' measures JSON (``measures``: models used, folds, test-time
+    augmentation, engine and precision after any fallback)."""
+    import json
+
+    from bids_postop.reports.boilerplate import RunDescription, write_methods
+
+    preset = preset_provenance(settings)
+    desc = RunDescription(
+        versions=package_versions(), models=[m.provenance() for m in models], preset=preset,
+        brain_method=settings.brain_method, brain_model=settings.brain_model,
+        min_component_voxels=settings.min_component_voxels, gtr_cutoff_ml=settings.gtr_cutoff_ml,
+        gtr_inclusive=settings.gtr_inclusive)
+    ran = [json.loads(path.read_text()) for path in measures if path.is_file()]
+    if ran:
+        first = RunDescription.from_measures(ran[0])
+        used = list({json.dumps(r.get("model") or {}, sort_keys=True): r.get("model") or {} for r in ran}.values())
+        desc = RunDescription(**{**first.__dict__, "models": used})
+    markdown, _ = write_methods(desc, settings.output_dir / "logs")
+    return markdown
 
 
 @dataclass
@@ -506,7 +521,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOG.debug("settings:\n%s", settings.to_json())
         LOG.info("log: %s", log_file)
         if settings.boilerplate:
-            print(write_boilerplate(settings).read_text())
+            models = []
+            if settings.model is not None:
+                from bids_postop.segmentation.models import resolve
+
+                models = resolve(settings.model)
+            print(write_boilerplate(settings, models).read_text())
             return EXIT_OK
         if settings.reports_only:
             from bids_postop.reports.html import rebuild_reports

@@ -177,6 +177,7 @@ class Segment(SimpleInterface):
             use_mirroring=self.inputs.use_mirroring, trust_checkpoint=self.inputs.trust_checkpoint,
             first_fold_only=self.inputs.first_fold_only, precision=self.inputs.precision,
             nnunet_engine=self.inputs.nnunet_engine, report=(report := {}))
+        report.setdefault("device", resolve_device(self.inputs.device))  # what ran, for the report and methods
         out = write_like(probability, nib.load(self.inputs.postop_t1ce), Path(runtime.cwd) / "probseg.nii.gz")
         self._results["out_file"] = str(out)
         info = Path(runtime.cwd) / "segment.json"

@@ -34,7 +34,7 @@ ROLE_LABELS = {"postop_t1ce": "post-op T1w-CE", "postop_t1": "post-op T1w", "pos
                "preop_t1ce": "pre-op T1w-CE", "preop_mask": "pre-op tumour mask"}
 SECTIONS = (("summary", "Summary"), ("residual", "Residual tumour"), ("brain", "Brain mask"),
             ("registration", "Registration"), ("preop", "Pre-operative tumour mask"),
-            ("issues", "Warnings and errors"), ("provenance", "Provenance"))
+            ("issues", "Warnings and errors"), ("methods", "Methods"), ("provenance", "Provenance"))
 
 
 def _labels(subject: str, session: str | None) -> tuple[str, str | None]:
@@ -246,7 +246,8 @@ def _summary(data: Mapping[str, Any], context: Mapping[str, Any]) -> str:
         ("Post-processing", f"{_e(m.get('voxels_above_threshold', '?'))} voxels above threshold, "
                             f"{_e(m.get('components_removed', '?'))} components smaller than "
                             f"{_e(m.get('min_component_voxels', '?'))} voxels removed"),
-        ("Device", _e(context.get("device")) if context.get("device") else '<span class="muted">not recorded</span>'),
+        ("Device", _e(_ran_on(data, context)) if _ran_on(data, context)
+         else '<span class="muted">not recorded</span>'),
         ("Run time", _duration(context.get("runtime_s"))),
     ]
     parts.append(_rows(pairs, "summary-table"))
@@ -270,6 +271,44 @@ def _issues(data: Mapping[str, Any], warnings: Sequence[str], errors: Sequence[s
     return "".join(out) or '<p id="no-issues">No warnings or errors.</p>'
 
 
+def _value_html(value: Any) -> str:
+    """A provenance value for people: nested tables for dicts, comma lists, never a Python repr."""
+    if isinstance(value, Mapping):
+        if not value:
+            return '<span class="muted">none</span>'
+        return "<table>" + "".join(f"<tr><th>{_e(str(k).replace('_', ' '))}</th><td>{_value_html(v)}</td></tr>"
+                                   for k, v in value.items()) + "</table>"
+    if isinstance(value, list | tuple):
+        return ", ".join(_value_html(v) for v in value) if value else '<span class="muted">none</span>'
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return _e(value)
+
+
+def _ran_on(data: Mapping[str, Any], context: Mapping[str, Any]) -> str:
+    """Where and how the segmentation ran (device and engine after any fallback), else what was asked."""
+    ran = ((data.get("provenance") or {}).get("segmentation") or {})
+    if ran.get("device"):
+        engine = f", {ran['engine']} engine" if ran.get("engine") else ""
+        precision = f", {ran['precision']}" if ran.get("precision") else ""
+        return f"{ran['device']}{engine}{precision}"
+    return str(context.get("device") or "")
+
+
+def _methods(data: Mapping[str, Any]) -> str:
+    """The methods paragraph of this participant's run, from what ran (the measures JSON), with references."""
+    if "measures" not in data:
+        return '<p class="muted">No methods: processing did not finish.</p>'
+    from bids_postop.reports.boilerplate import RunDescription, methods_markdown
+
+    text = methods_markdown(RunDescription.from_measures(data))
+    paragraph, _, references = text.partition("\n\nReferences\n")
+    items = "".join(f"<li>{_e(line.split('] ', 1)[-1])}</li>" for line in references.splitlines() if line.strip())
+    return (f'<p id="methods-text">{_e(paragraph)}</p><h3>References</h3><ol id="references">{items}</ol>'
+            '<p class="muted">The same text for the whole run: <code>logs/CITATION.md</code> and '
+            "<code>logs/CITATION.bib</code>.</p>")
+
+
 def _provenance(data: Mapping[str, Any]) -> str:
     prov = data.get("provenance") or {}
     versions = {"bids_postop": prov.get("bids_postop_version", __version__), **(prov.get("versions") or {})}
@@ -280,7 +319,7 @@ def _provenance(data: Mapping[str, Any]) -> str:
         parts += ["<h3>Command line</h3>", f'<pre id="command-line">{html.escape(text, quote=False)}</pre>']
     other = {k: v for k, v in prov.items() if k not in ("versions", "command_line", "bids_postop_version")}
     if other:
-        parts += ["<h3>Run</h3>", _rows([(k, _e(v)) for k, v in other.items()])]
+        parts += ["<h3>Run</h3>", _rows([(k.replace("_", " "), _value_html(v)) for k, v in other.items()])]
     card = json.dumps(_model_card(data.get("model", {})), indent=2)
     parts += ["<h3>Model card</h3>", f'<pre id="model-card">{html.escape(card, quote=False)}</pre>']
     if data.get("sources"):
@@ -322,6 +361,7 @@ def _page(data: Mapping[str, Any], context: Mapping[str, Any], figures: Mapping[
         "registration": reg_html,
         "preop": preop_html,
         "issues": _issues(data, context.get("warnings") or (), context.get("errors") or ()),
+        "methods": _methods(data),
         "provenance": _provenance(data),
     }
     nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS)
