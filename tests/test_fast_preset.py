@@ -70,9 +70,8 @@ def test_segment_runs_one_fold_without_mirroring_under_fast(tmp_path, two_fold_m
 
 def test_workflow_passes_the_preset_to_the_segment_node(tmp_path):
     from bids_postop.bids.inputs import ParticipantInputs
-    from bids_postop.workflows.base import init_participant_wf
-
     from bids_postop.segmentation.models import resolve
+    from bids_postop.workflows.base import init_participant_wf
 
     [model] = [m for m in resolve("demo") if m.card.configuration == "B"]
     files = {role: tmp_path / f"{role}.nii.gz" for role in ("postop_t1ce", "postop_t1")}
