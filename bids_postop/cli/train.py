@@ -211,6 +211,7 @@ def write_card(model_dir: Path, *, config: str, threshold: float, folds: Sequenc
     from bids_postop.configurations import CONFIGURATIONS
     from bids_postop.segmentation.models import CARD_NAME
     from bids_postop.training.datasets import trained_on
+    from bids_postop.training.nnunet import card_section
 
     card = {
         "schema_version": 1,
@@ -223,7 +224,7 @@ def write_card(model_dir: Path, *, config: str, threshold: float, folds: Sequenc
         "configuration": config,
         "channels": list(CONFIGURATIONS[config]),  # type: ignore[index]
         "threshold": threshold,
-        "nnunet": {"trained_model_folder": "nnunet", "folds": list(folds), "checkpoint": "checkpoint_final.pth"},
+        "nnunet": card_section(folds),
         **extra,
     }
     path = model_dir / CARD_NAME

@@ -1,9 +1,33 @@
 """nnU-Net v2 backend: the only module that imports nnunetv2.
 
-Inputs arrive as NIfTI files on the post-op T1w-CE grid, in the model's channel order. They are put in
-RAS+ voxel order (lossless, :mod:`bids_postop.core.images`), handed to ``nnUNetPredictor`` as
-(C, z, y, x) arrays with reversed spacing (what nnU-Net's own NIfTI readers produce), and the
-foreground probability comes back on the original grid. Folds found in the model folder are averaged.
+Inputs arrive as NIfTI files on the post-op T1w-CE grid, in the model's channel order. They are handed to
+``nnUNetPredictor`` as (C, z, y, x) arrays with a (z, y, x) spacing, in the voxel order and with the spacing
+that the model's *input convention* prescribes, and the foreground probability comes back on the grid of the
+first channel. Folds found in the model folder are averaged.
+
+Input convention (:func:`reader_convention`): the model card's ``"nnunet": {"input_convention": ...}``.
+
+- ``"RAS"``: the channels are put in RAS+ voxel order (axis flips/permutations of the stored order,
+  :mod:`bids_postop.core.images`, no interpolation), spacing from the affine. What models from
+  ``bids_postop-train`` expect: their training images were written in RAS+ voxel order
+  (:mod:`bids_postop.training.datasets`) and read by nnU-Net's NibabelIO; ``bids_postop-train`` writes
+  ``"input_convention": "RAS"`` into its cards, and a bids_postop card *without* the field means ``"RAS"``
+  (the convention of every bids_postop model made before the field existed).
+- ``"nnUNetv2_predict"``: what ``nnUNetv2_predict`` does with the same files: the image reader named by the model
+  folder's ``plans.json`` (``image_reader_writer``, the reader nnUNetv2_predict uses), else its ``dataset.json``
+  (``overwrite_image_reader_writer``), else nnU-Net's default for NIfTI, SimpleITKIO. The default for a bare
+  nnU-Net trained-model folder (no card).
+- a reader's name, to state it in the card: ``"SimpleITKIO"`` and ``"NibabelIO"`` keep the stored voxel order
+  (SimpleITKIO's spacing is SimpleITK's, from the header's pixdim; NibabelIO's is ``header.get_zooms()``,
+  also pixdim); ``"NibabelIOWithReorient"`` reorients to RAS+ with nibabel's ``as_reoriented`` (spacing
+  from the reoriented affine's column norms, or the pixdim when the file is already RAS+);
+  ``"SimpleITKIOWithReorient"`` reorients with ``SimpleITK.DICOMOrient(image, "RAS")``.
+  Each is reproduced exactly (arrays and spacing equal the reader's ``read_images``: tests), from one read
+  of the data with nibabel and the reader's own header logic; the probability is mapped back through the
+  inverse axis flips/permutations.
+
+``predict_probability``'s ``report`` records the convention used and where it was read
+(``input_convention``, ``input_convention_from``).
 
 Speed (issue #9), with results identical to ``predict_single_npy_array`` on the whole grid: the channels are
 cropped to the bounding box of their nonzero voxels *before* they reach nnU-Net. nnU-Net crops to that same
@@ -26,12 +50,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+from nibabel import orientations as nio
 
-from bids_postop.core.images import from_ras, load_3d, ras_voxel_sizes, same_grid, to_ras
+from bids_postop.core.images import load_3d, ras_voxel_sizes, same_grid
 from bids_postop.errors import InputDataError, ModelError
 from bids_postop.segmentation import nnunet_engines
-from bids_postop.segmentation.models import ModelCard
+from bids_postop.segmentation.models import CARD_NAME, ModelCard
 
 LOG = logging.getLogger("bids_postop")
 
@@ -212,6 +238,153 @@ def build_predictor(folder: Path, folds: tuple[int | str, ...], checkpoint: str,
     return predictor
 
 
+# --- the input convention: which voxel order and spacing nnU-Net is fed --------------------------------------
+
+CONVENTION_KEY = "input_convention"  # in the model card's "nnunet" section
+RAS = "RAS"  # bids_postop-train's convention: RAS+ voxel order, spacing from the affine
+FOLLOW_MODEL = "nnUNetv2_predict"  # the reader the model folder names, as nnUNetv2_predict uses it
+READERS = ("SimpleITKIO", "NibabelIO", "NibabelIOWithReorient", "SimpleITKIOWithReorient")
+NNUNET_DEFAULT_READER = "SimpleITKIO"  # nnU-Net's first reader for .nii.gz when none is named
+CONVENTIONS = (RAS, FOLLOW_MODEL, *READERS)
+
+
+def model_reader(folder: Path) -> tuple[str, str]:
+    """The image reader ``nnUNetv2_predict`` reads inputs with for the trained-model ``folder``, and where it
+    is named: ``plans.json``'s ``image_reader_writer`` (what nnUNetv2_predict's preprocessor instantiates), else
+    ``dataset.json``'s ``overwrite_image_reader_writer``, else nnU-Net's default for NIfTI (SimpleITKIO)."""
+    import json
+
+    def read(name: str) -> dict:
+        try:
+            return json.loads((folder / name).read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{folder / name}: cannot read ({exc})") from exc
+
+    planned = read("plans.json").get("image_reader_writer")
+    overwrite = read("dataset.json").get("overwrite_image_reader_writer")
+    overwrite = None if overwrite in (None, "None") else str(overwrite)
+    if planned:
+        if overwrite and overwrite != planned:
+            LOG.warning("%s: dataset.json names the reader %s but plans.json %s; nnUNetv2_predict uses plans.json's",
+                        folder, overwrite, planned)
+        return str(planned), "plans.json"
+    if overwrite:
+        return overwrite, "dataset.json"
+    return NNUNET_DEFAULT_READER, "nnU-Net default"
+
+
+def input_convention(card: ModelCard) -> tuple[str, str]:
+    """:func:`reader_convention` and where it comes from (``bids_postop_model.json``, ``plans.json``,
+    ``dataset.json``, ``nnU-Net default``, or ``bids_postop_model.json (default)`` for a card without the
+    field)."""
+    value = card.details.get(CONVENTION_KEY)
+    if value is None:
+        if (card.folder / CARD_NAME).is_file():  # a bids_postop card from before the field: its historic convention
+            return RAS, f"{CARD_NAME} (default)"
+        value = FOLLOW_MODEL  # a bare nnU-Net folder: as nnUNetv2_predict
+    if value == FOLLOW_MODEL:
+        reader, source = model_reader(trained_model_folder(card))
+    else:
+        reader, source = str(value), CARD_NAME
+    if reader not in (RAS, *READERS):
+        where = card.folder / CARD_NAME if source == CARD_NAME else trained_model_folder(card) / source
+        raise ModelError(f"{where}: input convention / image reader {reader!r} is not supported for NIfTI inputs; "
+                         f"use one of {', '.join(CONVENTIONS)} (nnunet.{CONVENTION_KEY} in {CARD_NAME})")
+    return reader, source
+
+
+def reader_convention(card: ModelCard) -> str:
+    """How the model's inputs are read: ``"RAS"`` (bids_postop-train models: RAS+ voxel order, spacing from the
+    affine) or the nnU-Net reader whose arrays and spacing are reproduced (``"SimpleITKIO"``, ``"NibabelIO"``,
+    ``"NibabelIOWithReorient"``, ``"SimpleITKIOWithReorient"``). From the card's ``nnunet.input_convention``;
+    a bids_postop card without it: ``"RAS"``; a bare nnU-Net folder (or ``"nnUNetv2_predict"``): the reader
+    ``nnUNetv2_predict`` would use (:func:`model_reader`). Raises :class:`ModelError` for other readers."""
+    return input_convention(card)[0]
+
+
+IDENTITY = np.array([[0, 1], [1, 1], [2, 1]])
+
+
+@dataclass(frozen=True)
+class ReaderView:
+    """How one reader sees a grid: the axis flips/permutations from the stored (x, y, z) voxel order to the
+    reader's (a nibabel orientation transform, applied before nnU-Net's (z, y, x) transposition) and the
+    reader's (z, y, x) spacing."""
+
+    ornt: np.ndarray
+    spacing: tuple[float, float, float]
+
+    def to_reader(self, array: np.ndarray) -> np.ndarray:
+        """Stored (x, y, z) array → the reader's (z, y, x) array (a view)."""
+        return nio.apply_orientation(array, self.ornt).transpose(2, 1, 0)
+
+    def to_stored(self, array: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_reader`."""
+        inverse = np.empty_like(self.ornt)
+        for axis, (new, flip) in enumerate(self.ornt):
+            inverse[int(new)] = (axis, flip)
+        return nio.apply_orientation(array.transpose(2, 1, 0), inverse)
+
+
+def _floats(values: Sequence[float]) -> tuple[float, float, float]:
+    a, b, c = (abs(float(v)) for v in values)
+    return a, b, c
+
+
+def reader_view(convention: str, path: str | Path) -> ReaderView:
+    """The :class:`ReaderView` of the NIfTI file ``path`` under ``convention`` (reads the header only)."""
+    path = Path(path)
+    img = nib.load(str(path))
+    if convention == RAS:
+        return ReaderView(nio.io_orientation(img.affine), _floats(ras_voxel_sizes(img.affine)[::-1]))
+    if convention == "NibabelIO":
+        return ReaderView(IDENTITY, _floats(img.header.get_zooms()[:3][::-1]))
+    if convention == "NibabelIOWithReorient":
+        # NibabelIOWithReorient: nib_image.as_reoriented(io_orientation(affine)), spacing from its header; the
+        # same call on a stand-in without data (as_reoriented rewrites the header from the new affine)
+        ornt = nio.io_orientation(img.affine)
+        stand_in = img.__class__(np.broadcast_to(np.float32(0), img.shape[:3]), img.affine, img.header)
+        return ReaderView(ornt, _floats(stand_in.as_reoriented(ornt).header.get_zooms()[:3][::-1]))
+    if convention in ("SimpleITKIO", "SimpleITKIOWithReorient"):
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputDataError(f"SimpleITK (this nnU-Net model's reader, {convention}) cannot read it: "
+                                 f"{str(exc).strip().splitlines()[-1]}", path) from exc
+        spacing, direction = reader.GetSpacing()[:3], reader.GetDirection()
+        if convention == "SimpleITKIO":
+            return ReaderView(IDENTITY, _floats(spacing[::-1]))
+        if len(direction) != 9:
+            raise InputDataError(f"{convention} needs a 3-D image (SimpleITK reads {reader.GetDimension()}-D)", path)
+        # SimpleITKIOWithReorient: DICOMOrient(image, "RAS"); its flips/permutations read off an indexed 2×2×2
+        # image with the same direction and spacing (they depend on these only)
+        probe = sitk.GetImageFromArray(np.arange(8, dtype=np.uint8).reshape(2, 2, 2))  # value = x + 2y + 4z
+        probe.SetSpacing(spacing)
+        probe.SetDirection(direction)
+        oriented = sitk.DICOMOrient(probe, "RAS")
+        values = sitk.GetArrayFromImage(oriented).transpose(2, 1, 0).astype(int)  # (x, y, z) after orienting
+        ornt = np.empty((3, 2), dtype=int)
+        for new_axis, step in enumerate(((1, 0, 0), (0, 1, 0), (0, 0, 1))):
+            delta = int(values[step]) - int(values[0, 0, 0])
+            ornt[int(np.log2(abs(delta)))] = (new_axis, 1 if delta > 0 else -1)
+        return ReaderView(ornt, _floats(oriented.GetSpacing()[::-1]))
+    raise ModelError(f"input convention {convention!r} is not one of {', '.join((RAS, *READERS))}")
+
+
+def reader_arrays(convention: str, channel_files: Sequence[str | Path],
+                  images: Sequence[nib.Nifti1Image] | None = None) -> tuple[list[np.ndarray], ReaderView]:
+    """The (z, y, x) float32 arrays (views until cropped) nnU-Net is fed under ``convention``, and the view of
+    the first file's grid (also how to map a prediction back). ``images``: the files already loaded."""
+    if images is None:
+        images = [load_3d(f) for f in channel_files]
+    view = reader_view(convention, channel_files[0])
+    return [view.to_reader(np.asarray(img.dataobj, dtype=np.float32)) for img in images], view
+
+
 def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
                         options: NnUNetOptions = NnUNetOptions(), report: dict[str, Any] | None = None) -> np.ndarray:
     """Residual-tumour probability, float32, shape and voxel order of the first channel's grid.
@@ -237,10 +410,10 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
     for img, path in zip(images[1:], channel_files[1:], strict=True):
         if not same_grid(reference, img):
             raise InputDataError(f"channel is not on the grid of {channel_files[0]}; register it first", path)
-    # (z, y, x) views in RAS+ voxel order: no copy of the whole grid until the crop
-    arrays = [to_ras(np.asarray(img.dataobj, dtype=np.float32), reference.affine).transpose(2, 1, 0)
-              for img in images]
-    spacing = list(ras_voxel_sizes(reference.affine))[::-1]
+    convention, convention_from = input_convention(card)
+    # (z, y, x) views in the convention's voxel order: no copy of the whole grid until the crop
+    arrays, view = reader_arrays(convention, channel_files, images)
+    spacing = list(view.spacing)
     predictor = build_predictor(folder, tuple(folds), checkpoint, options.device, options.use_mirroring,
                                 options.tile_step_size, options.trust_checkpoint)
     box = nonzero_box(arrays) if options.crop else None
@@ -249,7 +422,8 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
         LOG.info("bf16 requested but this CPU has no bf16 instructions (AVX512-BF16/AMX): running fp32")
     engine = nnunet_engines.resolve_engine(options.engine, predictor.device.type, bf16) if box else "torch"
     if report is not None:
-        report.update(backend="nnunet", folds=list(folds), n_networks=len(predictor.list_of_parameters),
+        report.update(backend="nnunet", input_convention=convention, input_convention_from=convention_from,
+                      folds=list(folds), n_networks=len(predictor.list_of_parameters),
                       use_mirroring=bool(predictor.use_mirroring),
                       mirror_axes=list(predictor.allowed_mirroring_axes or ()) if predictor.use_mirroring else [],
                       tile_step_size=float(predictor.tile_step_size),
@@ -265,7 +439,7 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
     if report is not None:  # the engine that ran (onnxruntime may have fallen back to torch)
         report.update(engine=engine, precision="bf16" if bf16 and engine in ("torch", "compiled")
                       else "fp32" if predictor.device.type == "cpu" else "fp16 autocast (nnU-Net)")
-    return np.ascontiguousarray(from_ras(foreground.transpose(2, 1, 0), reference.affine), dtype=np.float32)
+    return np.ascontiguousarray(view.to_stored(foreground), dtype=np.float32)
 
 
 def nonzero_box(arrays: Sequence[np.ndarray]) -> tuple[slice, ...] | None:

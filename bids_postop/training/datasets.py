@@ -9,7 +9,10 @@
 - The nnU-Net v2 raw dataset of a configuration holds one case per participant, identifier ``sub-X``:
   ``imagesTr/sub-X_000c.nii.gz`` in the configuration's channel order, ``labelsTr/sub-X.nii.gz``, all in
   RAS+ voxel order (axis flips/permutations of the T1w-CE grid, :func:`bids_postop.core.images.to_ras`,
-  no interpolation) — what the inference adapter feeds nnU-Net.
+  no interpolation), read by nnU-Net's NibabelIO. The model card says so (``"nnunet": {"input_convention":
+  "RAS"}``, :func:`bids_postop.training.nnunet.card_section`), and the inference adapter
+  (:mod:`bids_postop.segmentation.nnunet`) then feeds nnU-Net the same RAS+ arrays whatever a participant's
+  stored voxel order.
 """
 
 from __future__ import annotations

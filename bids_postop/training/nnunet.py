@@ -27,6 +27,9 @@ LOG = logging.getLogger("bids_postop.training")
 TRAINER = "nnUNetTrainer"
 PLANS = "nnUNetPlans"
 CONFIGURATION = "3d_fullres"
+# How the participant level must read inputs for these models (bids_postop.segmentation.nnunet.reader_convention):
+# the raw datasets hold RAS+ voxel order (bids_postop.training.datasets.write_raw_dataset), read by NibabelIO.
+INPUT_CONVENTION = "RAS"
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,15 @@ def export_model(dataset_id: int, model_dir: Path, folds: Sequence[int], *,
         strip_checkpoint(res / f"fold_{fold}" / "checkpoint_final.pth",
                          nn_out / f"fold_{fold}" / "checkpoint_final.pth", mirror_axes=mirror_axes)
     return nn_out
+
+
+def card_section(folds: Sequence[int]) -> dict:
+    """The ``"nnunet"`` section of the model card of an exported model (:func:`export_model`): where the trained
+    model lies, its folds and checkpoint, and the input convention its training data followed
+    (``input_convention``: :data:`INPUT_CONVENTION`; without it the participant level would also assume RAS,
+    but the card states it)."""
+    return {"trained_model_folder": "nnunet", "folds": [int(f) for f in folds], "checkpoint": "checkpoint_final.pth",
+            "input_convention": INPUT_CONVENTION}
 
 
 def set_inference_patch_size(model_dir: Path, patch_size: Sequence[int]) -> list[int]:
