@@ -198,10 +198,9 @@ def reader_convention(card: ModelCard) -> str:
     """How the model's input arrays are oriented: nnU-Net models per their card or ``dataset.json`` reader
     (:func:`bids_postop.segmentation.nnunet.reader_convention`), Raidionics models on their native grid."""
     if card.architecture == "nnunet":
-        from bids_postop.segmentation import nnunet
+        from bids_postop.segmentation.nnunet import reader_convention as nnunet_reader
 
-        convention = getattr(nnunet, "reader_convention", None)
-        return str(convention(card)) if convention is not None else "RAS"
+        return nnunet_reader(card)
     if card.architecture == "raidionics":
         return "native voxel order (raidionicsseg)"
     return "unknown"
@@ -235,7 +234,8 @@ def resolve(spec: str | Path) -> list[ResolvedModel]:
     """The models named by ``--model`` (:func:`resolve_models`), each with its digest and reader convention."""
     out = []
     for card in resolve_models(spec):
-        inputs = tuple(f"{role} ({card.input_images})" for role in card.channels) + \
+        inputs = tuple(f"{role} ({'registered' if role.endswith('_mask') else card.input_images})"
+                       for role in card.channels) + \
             (("brain_mask",) if card.architecture == "raidionics" else ())
         out.append(ResolvedModel(card=card, digest=model_digest(card.folder), reader=reader_convention(card),
                                  inputs=inputs))
