@@ -29,8 +29,38 @@ PIPELINE_NAME = "bids_postop"
 RAW_LINK = "raw"
 SUMMARY_COLUMNS = ("participant_id", "session_id", "site", "config", "model", "residual_volume_ml",
                    "resection_status", "preop_volume_ml", "eor_percent", "threshold", "gtr_cutoff_ml",
-                   "gtr_inclusive", "not_for_clinical_use")
+                   "gtr_inclusive", "not_for_clinical_use", "rano_resect_class", "measurable_lesions",
+                   "sum_bidimensional_mm2", "review_flag", "rt_fraction_members", "residual_volume_ml_min",
+                   "residual_volume_ml_max")
 MISSING = "n/a"  # BIDS: a missing TSV value is n/a, never an empty cell
+COLUMN_DEFINITIONS = {
+    "participant_id": "participant (sub-<label>)",
+    "session_id": "post-operative session (ses-<label>), n/a without sessions",
+    "site": "site (hospital) from participants.tsv",
+    "config": "input configuration used (A: T1w-CE; B: +T1w; C: +FLAIR; D: B + pre-op T1w-CE and mask; E: all)",
+    "model": "the model's name (its card: measures JSON 'model')",
+    "residual_volume_ml": "residual enhancing tumour: voxel count x |det(affine)| / 1000 on the T1w-CE grid, ml "
+                          "(rounded to 1e-6 ml before the GTR cut-off)",
+    "resection_status": "GTR (gross total resection) when the residual is below the cut-off, else RT",
+    "preop_volume_ml": "pre-operative tumour mask volume in its own grid, ml; n/a without a pre-operative mask",
+    "eor_percent": "extent of resection, 100 x (preop - residual) / preop; not clipped (negative flags a problem)",
+    "threshold": "probability threshold of the model the mask was made with",
+    "gtr_cutoff_ml": "GTR cut-off (ml) this participant was classified with",
+    "gtr_inclusive": "true: a residual equal to the cut-off is GTR (the study's code); false: RT (the paper)",
+    "not_for_clinical_use": "true when the model card flags the model as not for clinical use (e.g. the demo "
+                            "model): do not use these results for patient care",
+    "rano_resect_class": "RANO resect class (Karschnia et al. 2023; docs/rano.md): 1, 2A, 2B, 3A, 3B, 4; 1/2A when "
+                         "no non-enhancing residual mask was given; n/a when undecidable",
+    "measurable_lesions": "residual enhancing components with both perpendicular axial diameters >= 10 mm on >= 2 "
+                          "axial slices (RANO 2010)",
+    "sum_bidimensional_mm2": "sum of the products of perpendicular axial diameters over the (at most 5) largest "
+                             "measurable components, mm^2; 0 when none is measurable",
+    "review_flag": "true when the model's members disagree on GTR/RT, their volume range crosses the cut-off, or "
+                   "the uncertainty score exceeds its threshold: check this patient; n/a when nothing varies",
+    "rt_fraction_members": "share of the model's members (folds, or mirrored test-time passes) that call RT",
+    "residual_volume_ml_min": "smallest residual volume among the model's members, ml",
+    "residual_volume_ml_max": "largest residual volume among the model's members, ml",
+}
 # What BIDS does not define, kept out of validation the way fMRIPrep does for its reports and logs.
 # Directory patterns without a trailing slash: the BIDS validator (3.x) does not match "dir/" at any depth.
 BIDSIGNORE = ("*_measures.tsv", "*_measures.json", "logs", "*.html", "figures", "sub-*/figures", "*.toml", "group",
@@ -318,14 +348,12 @@ def write_session_outputs(
         "outputs": outputs.relative(output_dir),
         "sources": {role: bids_uri(p, bids_dir, derivatives=derivatives) for role, p in sources.items()},
         "provenance": dict(extra_provenance or {}),
-        "definitions": {
-            "residual_volume_ml": "voxel count x product of voxel sizes (mm^3) / 1000, on the T1w-CE grid",
-            "resection_status": measures["gtr_rule"] + ", else RT (residual tumour)",
-            "preop_volume_ml": "pre-operative tumour mask volume in its own grid",
-            "eor_percent": "100 x (preop - residual) / preop; not clipped",
-            "outputs": "the files these measures describe, relative to the derivatives dataset's root",
-            "not_for_clinical_use": "the model card flags the model as not for clinical use (e.g. the demo "
-                                    "model): do not use these results for patient care"}})
+        # one description per column of the measures TSV (its column dictionary), and of the other keys
+        "definitions": {**COLUMN_DEFINITIONS,
+                        "resection_status": measures["gtr_rule"] + ", else RT (residual tumour)",
+                        "outputs": "the files these measures describe, relative to the derivatives dataset's root",
+                        "uncertainty": "what the model's members (folds, or mirrored test-time passes) say: see "
+                                       "docs/uncertainty.md"}})
     return outputs
 
 

@@ -5,6 +5,8 @@ Rules (documented in README, "Inputs"):
 - post-op T1w: ``*_T1w`` without a ``ce-`` entity; post-op FLAIR: ``*_FLAIR``;
 - pre-op contrast T1w: ``ses-<preop>/anat/*_ce-<label>_T1w``;
 - pre-op tumour mask: ``ses-<preop>/anat/*_label-tumor[_desc-*]_mask`` in a derivatives dataset (``-d``);
+- post-op non-enhancing residual tumour mask (optional, for the RANO resect classes 1 vs 2A):
+  ``ses-<postop>/anat/*_label-nonenhancing[_desc-*]_mask`` in a derivatives dataset (``-d``), any grid;
 - a participant without sessions: its session-less files are taken as post-operative;
 - several matches (``run-1``, ``run-2``, ``acq-…``): the highest run is taken, then the first file
   name in sorted order; the choice is recorded as a note;
@@ -24,6 +26,8 @@ from bids_postop.configurations import ROLE_DESCRIPTIONS, ROLES, Role
 from bids_postop.errors import InputDataError, UsageError
 
 NIFTI_EXTENSIONS = [".nii", ".nii.gz"]
+# Not a model channel: a measured volume only (RANO resect class 1 vs 2A), in any grid.
+NONENHANCING_ROLE = "postop_nonenhancing_mask"
 
 # Keys accepted in --bids-filter-file, mapped to roles (fMRIPrep-style names and our role names).
 FILTER_KEYS: dict[str, Role] = {
@@ -243,6 +247,14 @@ def discover(
             mask = _pick(dlayout.get(**q), "preop_mask", notes)
             if mask is not None:
                 files["preop_mask"] = mask
+        for _name, dlayout in deriv_layouts:
+            if (post_ses is None and sessions) or NONENHANCING_ROLE in files:
+                break
+            q = {"subject": subject, "session": post_ses if post_ses is not None else Query.NONE, "suffix": "mask",
+                 "label": "nonenhancing", "extension": NIFTI_EXTENSIONS}
+            mask = _pick(dlayout.get(**q), NONENHANCING_ROLE, notes)  # type: ignore[arg-type]
+            if mask is not None:
+                files[NONENHANCING_ROLE] = mask  # type: ignore[index]
         if "preop_mask" in files and "preop_t1ce" not in files:
             notes.append("pre-op tumour mask found without a pre-op T1w-CE: both are needed; mask ignored")
             del files["preop_mask"]

@@ -34,6 +34,21 @@ def load_binary_mask(path: str | Path, *, what: str = "mask") -> nib.Nifti1Image
     return out
 
 
+def nonenhancing_volume_ml(path: str | Path) -> float:
+    """Volume (ml, voxel count × |det(affine)| / 1000) of a non-enhancing residual tumour mask; an empty mask is
+    0 ml (nothing non-enhancing left). Raises :class:`InputDataError` for a non-integer or negative image."""
+    from bids_postop.core.postprocess import volume_ml
+
+    img = load_3d(path, what="non-enhancing residual tumour mask")
+    data = np.asanyarray(img.dataobj)
+    if np.issubdtype(data.dtype, np.floating) and not np.allclose(data, np.round(data)):
+        raise InputDataError("the non-enhancing residual tumour mask holds non-integer values; a 0/1 mask is "
+                             "needed", path)
+    if data.min() < 0:
+        raise InputDataError("the non-enhancing residual tumour mask holds negative values", path)
+    return volume_ml(data > 0, img.affine)
+
+
 def mask_matches_image(mask: nib.spatialimages.SpatialImage, image: nib.spatialimages.SpatialImage, *,
                        atol_mm: float = 0.01) -> bool:
     """True when a mask lies on its image's grid (same shape, affines equal within ``atol_mm``)."""

@@ -193,6 +193,7 @@ class _PostInputSpec(BaseInterfaceInputSpec):
     gtr_cutoff_ml = traits.Float(0.175, usedefault=True)
     gtr_inclusive = traits.Bool(False, usedefault=True)
     preop_mask = File(exists=True, desc="pre-op tumour mask in its own (pre-op) grid")
+    nonenhancing_mask = File(exists=True, desc="post-op non-enhancing residual tumour mask, any grid (RANO 1 vs 2A)")
 
 
 class _PostOutputSpec(TraitedSpec):
@@ -201,7 +202,8 @@ class _PostOutputSpec(TraitedSpec):
 
 
 class PostProcess(SimpleInterface):
-    """Threshold, remove small components, measure volumes, GTR/RT and EOR."""
+    """Threshold, remove small components, measure volumes, GTR/RT and EOR; RANO resect class and the
+    residual's bidimensional product (:mod:`bids_postop.core.rano`, :mod:`bids_postop.core.bidimensional`)."""
 
     input_spec = _PostInputSpec
     output_spec = _PostOutputSpec
@@ -226,10 +228,35 @@ class PostProcess(SimpleInterface):
             preop_volume_ml=preop_ml)
         self._results["residual_mask"] = str(write_like(mask, prob_img, Path(runtime.cwd) / "residual_mask.nii.gz",
                                                         dtype="uint8"))
+        values = measures.as_dict()
+        values.update(residual_shape_measures(
+            mask, prob_img.affine, values, nonenhancing_mask=self.inputs.nonenhancing_mask
+            if isdefined(self.inputs.nonenhancing_mask) else None, gtr_cutoff_ml=self.inputs.gtr_cutoff_ml,
+            gtr_inclusive=self.inputs.gtr_inclusive))
         out = Path(runtime.cwd) / "measures.json"
-        out.write_text(json.dumps(measures.as_dict(), indent=2))
+        out.write_text(json.dumps(values, indent=2))
         self._results["measures"] = str(out)
         return runtime
+
+
+def residual_shape_measures(mask, affine, measures: dict, *, nonenhancing_mask: str | None, gtr_cutoff_ml: float,
+                            gtr_inclusive: bool) -> dict:
+    """The RANO resect class (the study's GTR cut-off counts as "0 cm3 residual enhancing tumour") and the
+    residual's bidimensional product, as measures keys."""
+    import numpy as np
+
+    from bids_postop.core.bidimensional import measure_bidimensional
+    from bids_postop.core.masks import nonenhancing_volume_ml
+    from bids_postop.core.rano import rano_resect_class
+
+    nonenhancing_ml = nonenhancing_volume_ml(nonenhancing_mask) if nonenhancing_mask else None
+    rano = rano_resect_class(measures["residual_volume_ml"], measures.get("preop_volume_ml"),
+                             residual_nonce_ml=nonenhancing_ml, zero_ce_cutoff_ml=gtr_cutoff_ml,
+                             zero_ce_inclusive=gtr_inclusive)
+    shape = measure_bidimensional(np.asarray(mask) > 0, affine)
+    return {"residual_nonenhancing_ml": nonenhancing_ml, "rano_resect_class": rano.label, "rano": rano.to_dict(),
+            "measurable_lesions": shape.n_measurable, "sum_bidimensional_mm2": shape.sum_products_mm2,
+            "bidimensional": shape.to_dict()}
 
 
 def _set_threads(threads: int) -> None:

@@ -26,6 +26,7 @@ FIGURES: dict[str, tuple[str, str, str]] = {
     "mosaic": ("residual", "mosaic", ".png"),
     "brainmask": ("brainmask", "overlay", ".png"),
     "preopmask": ("preopmask", "overlay", ".png"),
+    "diameters": ("diameters", "rano", ".png"),
     **{f"registration_{role}": (role.replace("_", ""), "registration", ".svg")
        for role in ROLES if role not in ("postop_t1ce", "preop_mask")},
 }
@@ -285,6 +286,24 @@ def _value_html(value: Any) -> str:
     return _e(value)
 
 
+def _residual_shape(data: Mapping[str, Any], figures: Mapping[str, str]) -> str:
+    """RANO resect class and bidimensional measures, with the two diameters drawn on the axial slices."""
+    m = data.get("measures") or {}
+    if "rano_resect_class" not in m:
+        return ""
+    rano = m.get("rano") or {}
+    shape = m.get("bidimensional") or {}
+    pairs = [("RANO resect class", f'<b id="rano-class">{_e(m.get("rano_resect_class"))}</b> '
+                                   f'<span class="muted">{_e(rano.get("reason", ""))}</span>'),
+             ("Measurable lesions (RANO)", f'<span id="measurable-lesions">{_e(m.get("measurable_lesions"))}</span>'),
+             ("Sum of bidimensional products", _num(m.get("sum_bidimensional_mm2"), 0, " mm²")),
+             ("Components measured", _e(len(shape.get("components") or [])))]
+    drawn = _figure(figures.get("diameters"), "Axial slices (patient's right on the left) of the measured residual "
+                                              "components: longest diameter red, longest perpendicular diameter "
+                                              "yellow") if figures.get("diameters") else ""
+    return "<h3>RANO measures</h3>" + _rows(pairs, "rano-table") + drawn
+
+
 def _ran_on(data: Mapping[str, Any], context: Mapping[str, Any]) -> str:
     """Where and how the segmentation ran (device and engine after any fallback), else what was asked."""
     ran = ((data.get("provenance") or {}).get("segmentation") or {})
@@ -356,7 +375,7 @@ def _page(data: Mapping[str, Any], context: Mapping[str, Any], figures: Mapping[
         "summary": _summary(data, context),
         "residual": _figure(figures.get("mosaic"), "Post-op contrast T1w through the residual tumour (or the highest "
                                                    "probability when none): residual contour red, probability "
-                                                   "yellow, brain mask blue"),
+                                                   "yellow, brain mask blue") + _residual_shape(data, figures),
         "brain": _figure(figures.get("brainmask"), "Brain mask (blue) on the post-op contrast T1w"),
         "registration": reg_html,
         "preop": preop_html,

@@ -14,9 +14,10 @@ from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
 from bids_postop.bids.derivatives import bids_uri
-from bids_postop.bids.inputs import ParticipantInputs
+from bids_postop.bids.inputs import NONENHANCING_ROLE, ParticipantInputs
 from bids_postop.interfaces.core import PostProcess, Segment
 from bids_postop.interfaces.derivatives import DerivativesSink
+from bids_postop.interfaces.measures import DiametersFigure
 from bids_postop.interfaces.reports import ParticipantReport, ReportFigures
 from bids_postop.segmentation.models import ResolvedModel
 from bids_postop.workflows.channels import REGISTRATION_KIND, init_channels_wf
@@ -111,7 +112,10 @@ def init_participant_wf(
     ])
     if "preop_mask" in fields:
         workflow.connect(inputnode, "preop_mask", postprocess, "preop_mask")
+    if NONENHANCING_ROLE in inputs.files:  # a measured volume only (RANO resect class 1 vs 2A)
+        postprocess.inputs.nonenhancing_mask = str(inputs.files[NONENHANCING_ROLE])
 
+    diameters = pe.Node(DiametersFigure(), name="diameters", mem_gb=0.5)
     ds_report = pe.Node(ParticipantReport(
         output_dir=str(output_dir), subject=inputs.subject, session=inputs.postop_session,
         inputs={role: bids_uri(Path(p), bids_dir, derivatives=derivatives) for role, p in sources.items()},
@@ -122,7 +126,10 @@ def init_participant_wf(
         (postprocess, figures, [("residual_mask", "residual_mask")]),
         (segment, figures, [("out_file", "probseg")]),
         (channels_wf, figures, [("outputnode.brain_mask", "brain_mask")]),
-        (figures, ds_report, [("figures", "figures")]),
+        (figures, diameters, [("figures", "figures")]),
+        (inputnode, diameters, [("postop_t1ce", "t1ce")]),
+        (postprocess, diameters, [("measures", "measures")]),
+        (diameters, ds_report, [("figures", "figures")]),
         (ds_outputs, ds_report, [("out_files", "out_files")]),
     ])
     return workflow

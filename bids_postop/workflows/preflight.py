@@ -11,9 +11,9 @@ import dataclasses
 
 import numpy as np
 
-from bids_postop.bids.inputs import ParticipantInputs
+from bids_postop.bids.inputs import NONENHANCING_ROLE, ParticipantInputs
 from bids_postop.core.images import load_3d
-from bids_postop.core.masks import load_binary_mask, mask_matches_image
+from bids_postop.core.masks import load_binary_mask, mask_matches_image, nonenhancing_volume_ml
 from bids_postop.errors import InputDataError
 
 MIN_AXIS_VOXELS = 8
@@ -41,6 +41,12 @@ def check_participant_inputs(inputs: ParticipantInputs) -> ParticipantInputs:
             except InputDataError as exc:
                 notes.append(f"{role} unusable, ignored: {exc}")
                 del files[role]
+    if NONENHANCING_ROLE in files:
+        try:
+            nonenhancing_volume_ml(files[NONENHANCING_ROLE])
+        except InputDataError as exc:
+            notes.append(f"{NONENHANCING_ROLE} unusable, ignored: {exc}")
+            del files[NONENHANCING_ROLE]
     if "preop_mask" in files:
         try:
             mask = load_binary_mask(files["preop_mask"], what="pre-operative tumour mask")
