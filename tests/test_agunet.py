@@ -18,7 +18,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import THREE_SITES, affine_for, read_tsv, write_three_site_demo
+from conftest import THREE_SITES, affine_for, read_tsv
 
 from bids_postop.agunet.architecture import TINY_SPEC, NetworkSpec, adapt_weights
 from bids_postop.agunet.augment import Augmentation, augment
@@ -132,6 +132,35 @@ def test_augmentation_keeps_shapes_and_label_range_and_is_identity_with_p0():
     assert changed == 6
 
 
+def test_augmentation_flips_horizontally_and_vertically_never_superior_inferior_and_rotates_axially():
+    """The paper: horizontal and vertical flips, rotations in [-20, 20] degrees, translation <= 10 %, each p = 0.5.
+    Arrays are RAS+ (x left-right, y posterior-anterior, z inferior-superior)."""
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(12, 10, 8, 1)).astype(np.float32)
+    label = np.zeros((12, 10, 8), np.float32)
+    label[2:5, 1:4, 1:3] = 1  # an off-centre box: every flip is visible
+    no_motion = Augmentation(probability=1.0, max_rotation_deg=0.0, max_translation=0.0)
+    out_image, out_label = augment(image, label, rng, no_motion)
+    np.testing.assert_allclose(out_label, label[::-1, ::-1, :], atol=1e-6)  # both flips, z untouched
+    np.testing.assert_allclose(out_image, image[::-1, ::-1, :, :], atol=1e-5)
+    seen = {"x": 0, "y": 0, "z": 0}
+    for _ in range(400):
+        _, out = augment(image, label, rng, Augmentation(probability=0.5, max_rotation_deg=0.0, max_translation=0.0))
+        where = np.argwhere(out > 0.5)
+        seen["x"] += where[:, 0].min() > 5
+        seen["y"] += where[:, 1].min() > 4
+        seen["z"] += where[:, 2].min() > 3
+    assert 150 < seen["x"] < 250 and 150 < seen["y"] < 250 and seen["z"] == 0
+    # rotation in the axial plane: every axial slice keeps its amount of tumour
+    blob = np.zeros((24, 24, 12), np.float32)
+    blob[8:16, 9:15, 2:5] = 1
+    blob[10:14, 10:14, 7:10] = 1
+    for _ in range(5):
+        _, rotated = augment(np.zeros((*blob.shape, 1), np.float32), blob, rng,
+                             Augmentation(probability=1.0, max_rotation_deg=20.0, max_translation=0.0))
+        np.testing.assert_allclose(rotated.sum(axis=(0, 1)), blob.sum(axis=(0, 1)), rtol=0.1, atol=0.5)
+
+
 # ------------------------------------------------------------------------------------------------
 # export: TensorFlow (subprocess) against onnxruntime through our Raidionics backend
 
@@ -161,7 +190,9 @@ def test_exported_onnx_matches_tensorflow_through_the_raidionics_backend(tmp_pat
     files, brain_file, affine, brain = _scan(tmp_path)
     config = RM.read_preprocessing_ini(write_preprocessing_ini(tmp_path / "ini", spec))
     arrays = [nib.load(f).get_fdata(dtype=np.float32) for f in files]
-    prepared = R.preprocess(arrays, affine, config, brain_mask=brain)
+    # the affine as the file stores it (float32) and the backend reads it: the box edges fall on the resampled grid's
+    # edges, where 1e-6 mm decides between a value and 0 (as in raidionicsseg)
+    prepared = R.preprocess(arrays, nib.load(files[0]).affine, config, brain_mask=brain)
     assert prepared.data.shape == (32, 32, 32, 2)
     np.save(tmp_path / "input.npy", prepared.data)
     (tmp_path / "spec.json").write_text(json.dumps(spec.to_json()))
@@ -268,21 +299,21 @@ def test_worker_trains_resumes_and_starts_from_a_one_channel_model(tmp_path):
 
 
 
+@pytest.fixture(scope="session")
+def protocol(tmp_path_factory):
+    import trained_protocol
+
+    return trained_protocol.trained(tmp_path_factory)
+
+
 @pytest.mark.slow
-def test_train_tiny_agunet_end_to_end(tmp_path):
+def test_train_tiny_agunet_end_to_end(protocol):
     from bids_postop.cli.train import main as train_main
     from bids_postop.segmentation.models import read_card, resolve_models
 
-    bids = tmp_path / "bids"
-    write_three_site_demo(bids)
-    work = tmp_path / "train"
-    argv = [str(bids), str(work), "--manual", f"manual={bids / 'derivatives' / 'manual'}", "--config", "A",
-            "--architecture", "agunet", "--tiny", "--epochs", "2", "--iterations", "1", "--effective-batch-size",
-            "2", "--folds", "2", "--test-site", "east", "--skip-bids-validation",
-            "--device", "cpu", "--nprocs", "1"]
-    start = time.monotonic()
-    assert train_main(argv) == 0
-    train_seconds = time.monotonic() - start
+    bids, work, argv = protocol["bids"], protocol["work"], protocol["argv"]["agunet"]
+    assert protocol["codes"]["agunet"] == 0
+    train_seconds = protocol["seconds"]["agunet"]
 
     splits = read_tsv(work / "splits.tsv")
     folds_of_site: dict[str, set[str]] = {}
@@ -304,25 +335,35 @@ def test_train_tiny_agunet_end_to_end(tmp_path):
     raw = json.loads((model / "bids_postop_model.json").read_text())
     name = json.loads((bids / "dataset_description.json").read_text())["Name"]
     assert raw["training"]["dataset_name"] == name and f"on {name!r}" in raw["description"]
+    assert raw["threshold_selection"]["rule"] == "dice_f1" and len(raw["threshold_selection"]["table"]) == 9
     assert [p.parent.name for p in RM.model_files(model)] == ["fold_0", "fold_1"]
     assert [c.folder for c in resolve_models(model)] == [model]
     log = "\n".join(p.read_text() for p in (work / "logs").glob("*.log"))
     assert "ETA fold" in log and "s/epoch" in log
 
-    # the test site was scored with the trained model, beside the AGU-Net models (an nnU-Net model of the same
-    # configuration trained in this WORK_DIR scores into WORK_DIR/test_derivatives/A): a mask on each test
-    # participant's post-op T1w-CE grid, and the group level's metrics
-    out = work / "agunet" / "test_derivatives" / "A"
-    assert not (work / "test_derivatives").exists()
-    for sub in ("sub-05", "sub-06"):
+    # the predictions dataset, beside the AGU-Net models (an nnU-Net model of the same configuration trained in
+    # this WORK_DIR writes WORK_DIR/predictions/A): every validation participant by its own fold's network, the
+    # test site by the fold ensemble, masks on each participant's post-op T1w-CE grid, the group level's metrics
+    out = work / "agunet" / "predictions" / "A"
+    assert (work / "predictions" / "A").is_dir() and out != work / "predictions" / "A"
+    fold_of = {r["participant_id"]: r["fold"] for r in splits}
+    for sub in ("sub-01", "sub-02", "sub-03", "sub-04", "sub-05", "sub-06"):
         t1ce = next((bids / sub / "ses-postop" / "anat").glob("*_ce-*_T1w.nii.gz"))
-        (mask,) = (out / sub / "ses-postop" / "anat").glob("*_desc-residual_mask.nii.gz")
+        (mask,) = (out / sub / "ses-postop" / "anat").glob("*_label-tumor_desc-*_mask.nii.gz")
         ref, got = nib.load(t1ce), nib.load(mask)
         assert got.shape == ref.shape and np.array_equal(got.affine, ref.affine)
+        (measures,) = (out / sub / "ses-postop").glob("*_measures.json")
+        data = json.loads(measures.read_text())
+        assert data["model"]["name"] == card.name and data["model"]["architecture"] == "raidionics"
+        cv = data["provenance"].get("cross_validation")
+        assert (cv is None) if fold_of[sub] == "test" else (str(cv["fold"]) == fold_of[sub]), sub
     assert {"sub-05", "sub-06"} <= {r["participant_id"] for r in read_tsv(out / "group" / "patients.tsv")}
 
-    # a rerun resumes: finished folds are skipped and the model is reused
-    assert train_main([*argv, "--no-test-scoring"]) == 0
+    # a rerun resumes: finished folds are skipped, the model and its cross-validation predictions are reused
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*_measures.json"))
+    assert train_main([*argv, "--no-test-scoring", "--no-paper-tables"]) == 0
     newest = max((work / "logs").glob("*.log"), key=lambda p: p.stat().st_mtime).read_text()
     assert "already trained" in newest and "reused" in newest
-    print(f"bids_postop-train --architecture agunet (tiny, 2 folds, data preparation included): {train_seconds:.0f} s")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*_measures.json")) == before
+    print(f"bids_postop-train --architecture agunet (tiny, 2 configurations, 2 folds, data preparation cached): "
+          f"{train_seconds:.0f} s")

@@ -331,3 +331,23 @@ def test_tilted_grid_175_voxels_are_rt_at_the_group_level(tmp_path):
     (row,) = read_tsv(out / "group" / "patients.tsv")
     assert (row["true_volume_ml"], row["predicted_volume_ml"]) == ("0.175", "0.175")
     assert (row["true_status"], row["predicted_status"], row["outcome"]) == ("RT", "RT", "TP")
+
+
+def test_fold_and_set_come_from_the_own_fold_record_the_folds_tsv_or_the_model_card():
+    from bids_postop.group.collect import Prediction, fold_and_set
+
+    card = {"folds": [{"fold": 0, "validation": ["sub-01"]}, {"fold": 1, "validation": ["sub-02"]}],
+            "test_participants": ["sub-03"]}
+
+    def pred(label: str, provenance: dict | None = None) -> Prediction:
+        return Prediction(source="m", key=(label, "postop"), row={"site": "A"}, mask=None,
+                          provenance=provenance or {}, card_training=card)
+
+    none = ({}, {})
+    assert fold_and_set(pred("01", {"cross_validation": {"fold": 0}}), none)[:2] == ("0", "validation")
+    # the fold ensemble on a participant the model was trained on: in no column of the paper's tables
+    assert fold_and_set(pred("01"), ({"01": "0"}, {}))[1] == "training"
+    assert fold_and_set(pred("03"), none)[:2] == ("test", "test")  # the card's held-out participant
+    assert fold_and_set(pred("04"), ({"04": "holdout"}, {}))[:2] == ("holdout", "test")
+    assert fold_and_set(pred("05"), ({}, {"A": "2"}))[:2] == ("2", "validation")
+    assert fold_and_set(pred("06"), none)[:2] == ("", "unknown")

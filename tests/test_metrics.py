@@ -168,7 +168,7 @@ def test_175_voxels_of_1mm_on_a_tilted_grid_are_residual_tumour():
 
 
 def test_a_sheared_affine_volume_uses_the_determinant():
-    from bids_postop.core.postprocess import voxel_volume_mm3, volume_ml
+    from bids_postop.core.postprocess import volume_ml, voxel_volume_mm3
 
     affine = np.diag([0.5, 0.5, 2.0, 1.0])
     affine[0, 2] = 1.5  # shear: the third column is not orthogonal to the first

@@ -201,3 +201,63 @@ def test_interrater_scores_positive_patients_and_group_averages(cohort):
     values = [float(r["jaccard"]) for r in rows if r["annotator"] == "r2" and r["target"] == "reference"
               and r["participant_id"] in positive]
     assert float(r2["jaccard_mean"]) == pytest.approx(np.mean(values))
+
+
+# --- end to end: bids_postop-train (two architectures x two configurations) → the group level's tables -----------
+
+@pytest.fixture(scope="session")
+def protocol(tmp_path_factory):
+    import trained_protocol
+
+    return trained_protocol.trained(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_trained_models_tables_equal_an_independent_recomputation(protocol):
+    """Tiny nnU-Net and AGU-Net models of configurations A and B trained on two hospitals (own-fold predictions
+    = validation) and scored on the held-out third (fold ensemble = test); the group level that
+    bids_postop-train ran at the end (WORK/validation) holds both columns for the four models, equal to a
+    recomputation from the written derivatives."""
+    assert protocol["codes"] == {"nnunet": 0, "agunet": 0}
+    bids, work = protocol["bids"], protocol["work"]
+    splits = {r["participant_id"]: r["fold"] for r in ref.read_tsv(work / "splits.tsv")}
+    datasets = {f"{arch}-{config}": (work / "agunet" if arch == "agunet" else work) / "predictions" / config
+                for arch in ("nnunet", "agunet") for config in ("A", "B")}
+    for name, root in datasets.items():
+        jsons = sorted(root.glob("sub-*/**/*_measures.json"))
+        assert len(jsons) == 6, name  # 4 validation + 2 test participants
+        for path in jsons:
+            data = json.loads(path.read_text())
+            cv = data["provenance"].get("cross_validation")
+            fold = splits[data["participant_id"]]
+            # each validation participant predicted by its own fold's network; the test site by the ensemble
+            assert (cv is None) if fold == "test" else (str(cv["fold"]) == fold), (name, path.name)
+    scored = ref.collect(datasets, bids / "derivatives" / "manual", splits)
+    expected = ref.tables(scored, n_resamples=2000, seed=0)  # the group level's defaults
+    group = work / "validation" / "group"
+    seg = {(r["architecture"], r["configuration"]): r for r in ref.read_tsv(group / "paper_segmentation.tsv")}
+    cls = {(r["architecture"], r["configuration"]): r for r in ref.read_tsv(group / "paper_classification.tsv")}
+    assert set(seg) == set(cls) == {("nnU-Net", "A"), ("nnU-Net", "B"), ("AGU-Net", "A"), ("AGU-Net", "B")}
+    checked = defined = 0
+    for key, values in expected.items():
+        got = {**seg[key[:2]], **cls[key[:2]]}
+        assert got["model"] == key[2]
+        assert (int(got["validation_n"]), int(got["test_n"]), got["validation_n_folds"]) == (4, 2, "2")
+        for column, value in values.items():
+            if column.endswith("_n"):
+                continue
+            cell = ref.num(got[column])
+            checked += 1
+            if value is None:
+                assert cell is None, (key, column, got[column])
+            else:
+                defined += 1
+                assert cell == pytest.approx(value, rel=1e-6, abs=1e-9), (key, column)
+    assert checked >= 4 * 40 and defined >= 4 * 15
+    html = (work / "validation" / "group_report.html").read_text()
+    assert "Table 3 shape" in html and "Table 4 shape" in html and "group/figures/architectures.svg" in html
+    tests = ref.read_tsv(group / "tests.tsv")
+    assert {t["compares"] for t in tests if t["origin"] == "paper"} >= {
+        "configurations of nnU-Net", "configurations of AGU-Net", "best configurations of the architectures"}
+    print("trained protocol, Dice-P validation / test: " + "; ".join(
+        f"{k[0]} {k[1]} {seg[k]['dice_P_validation_mean']} / {seg[k]['dice_P_test_mean']}" for k in sorted(seg)))

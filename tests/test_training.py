@@ -1,29 +1,32 @@
-"""End to end: ``bids_postop-train`` with the tiny network on a simulated 3-site dataset (slow: minutes)."""
+"""End to end: ``bids_postop-train`` with the tiny network on a simulated 3-site dataset (slow: minutes; the training
+is shared with test_agunet.py and test_protocol.py: tests/trained_protocol.py)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import read_tsv, write_three_site_demo
+import trained_protocol
+from conftest import read_tsv
 
 from bids_postop.cli.train import main as train_main
 from bids_postop.segmentation.models import read_card, resolve_models
 
 
+@pytest.fixture(scope="session")
+def protocol(tmp_path_factory):
+    return trained_protocol.trained(tmp_path_factory)
+
+
 @pytest.mark.slow
-def test_train_tiny_nnunet_config_a(tmp_path):
+def test_train_tiny_nnunet_configs_a_and_b(protocol, tmp_path):
     import torch
 
-    bids = tmp_path / "bids"
-    write_three_site_demo(bids)
-    work = tmp_path / "train"
-    argv = [str(bids), str(work), "--manual", f"manual={bids / 'derivatives' / 'manual'}", "--config", "A",
-            "--tiny", "--epochs", "1", "--iterations", "3", "--folds", "2", "--test-site", "east",
-            "--skip-bids-validation", "--device", "cpu", "--nprocs", "1"]
-    assert train_main(argv) == 0
+    bids, work = protocol["bids"], protocol["work"]
+    assert protocol["codes"]["nnunet"] == 0
 
     # hospital folds: balanced, no site in two folds, the test site in none
     splits = read_tsv(work / "splits.tsv")
@@ -37,7 +40,7 @@ def test_train_tiny_nnunet_config_a(tmp_path):
     assert [len(s["val"]) for s in nn_splits] == [2, 2]
     assert not {"sub-05", "sub-06"} & {p for s in nn_splits for p in s["train"] + s["val"]}
 
-    # model folder + card, stripped checkpoints
+    # model folder + card, stripped checkpoints; the card records the threshold rule and every candidate's scores
     model = work / "models" / "A"
     card = read_card(model)
     assert card.configuration == "A" and card.channels == ("postop_t1ce",) and 0 < card.threshold < 1
@@ -45,24 +48,42 @@ def test_train_tiny_nnunet_config_a(tmp_path):
     assert raw["nnunet"]["folds"] == [0, 1] and len(raw["training"]["data_hash"]) == 64
     name = json.loads((bids / "dataset_description.json").read_text())["Name"]
     assert raw["training"]["dataset_name"] == name and f"on {name!r}" in raw["description"]
+    selection = raw["threshold_selection"]
+    assert selection["rule"] == "dice_f1" and selection["threshold"] == card.threshold
+    assert [r["threshold"] for r in selection["table"]] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert {"dice_P", "recall", "specificity", "balanced_accuracy", "scores"} <= set(selection["table"][0])
     for fold in (0, 1):
         ck = torch.load(model / "nnunet" / f"fold_{fold}" / "checkpoint_final.pth", weights_only=True)
         assert "optimizer_state" not in ck and ck["trainer_name"] == "nnUNetTrainer"
-    assert [c.configuration for c in resolve_models(work / "models")] == ["A"]
+    assert [c.configuration for c in resolve_models(work / "models")] == ["A", "B"]
 
-    # the participant level ran the new model on the test site: masks exactly on the post-op T1w-CE grid
-    for sub in ("sub-05", "sub-06"):
+    # the predictions dataset: every validation participant by its own fold's network (fold recorded), the test
+    # site by the fold ensemble; masks exactly on the post-op T1w-CE grid
+    fold_of = {r["participant_id"]: r["fold"] for r in splits}
+    predictions = work / "predictions" / "A"
+    for sub in ("sub-01", "sub-02", "sub-03", "sub-04", "sub-05", "sub-06"):
+        (measures,) = (predictions / sub / "ses-postop").glob("*_measures.json")
+        data = json.loads(measures.read_text())
+        cv = data["provenance"].get("cross_validation")
+        assert (cv is None) if fold_of[sub] == "test" else (str(cv["fold"]) == fold_of[sub]), sub
         t1ce = next((bids / sub / "ses-postop" / "anat").glob("*_ce-*_T1w.nii.gz"))
-        anat = work / "test_derivatives" / "A" / sub / "ses-postop" / "anat"
-        masks = list(anat.glob("*_desc-residual_mask.nii.gz"))
-        assert len(masks) == 1
-        ref, out = nib.load(t1ce), nib.load(masks[0])
+        (mask,) = (predictions / sub / "ses-postop" / "anat").glob("*_label-tumor_desc-*_mask.nii.gz")
+        ref, out = nib.load(t1ce), nib.load(mask)
         assert out.shape == ref.shape
         assert np.array_equal(out.affine, ref.affine)
+    # the group level of this model: validation (cross-validation) and test columns
+    (row,) = read_tsv(predictions / "group" / "paper_segmentation.tsv")
+    assert (row["architecture"], row["configuration"], row["validation_n"], row["test_n"]) == ("nnU-Net", "A", "4",
+                                                                                              "2")
 
     # resumable: a rerun skips finished folds and preprocessing. It also asks for the demo models' recipe
     # (docs/training.md): one fold, another inference patch, the card name, a copy of the model folder; only
-    # the export, the validation predictions and the card are redone
+    # the export, the validation predictions and the card are redone. (On a copy: the shared run stays intact.)
+    work = tmp_path / "train"
+    shutil.copytree(protocol["work"], work, symlinks=True)
+    argv = [a if a != str(protocol["work"]) else str(work) for a in protocol["argv"]["nnunet"]]
+    argv.remove("B")  # --config A: configuration A only
+    model = work / "models" / "A"
     log_before = set((work / "logs").glob("*.log"))
     export = tmp_path / "export"
     assert train_main([*argv, "--no-test-scoring", "--train-folds", "1", "--inference-patch-size", "96", "96",
@@ -107,3 +128,88 @@ def test_inference_patch_must_fit_the_network(tmp_path):
         "patch_size"] == [96, 96, 20]
     with pytest.raises(ValueError, match=r"multiple of the network's total stride \[8, 8, 4\]"):
         set_inference_patch_size(tmp_path, [96, 90, 20])
+
+
+# --- threshold rules (no training) ------------------------------------------------------------------------------
+
+def _threshold_cases():
+    """Six validation participants on a 1 mm grid: four with residual tumour (probability ramps of different
+    heights over the true box), two GTR (one with a spurious 0.35-probability blob)."""
+    from bids_postop.training.threshold import ValidationCase
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for i, peak in enumerate([0.95, 0.8, 0.55, 0.35, None, None]):
+        truth = np.zeros((24, 24, 16), bool)
+        prob = rng.uniform(0, 0.05, truth.shape).astype(np.float32)
+        if peak is not None:
+            truth[4:12, 4:12, 3:9] = True  # 384 voxels = 0.384 ml
+            prob[3:13, 4:12, 3:9] = peak * 0.7
+            prob[4:12, 4:12, 3:9] = peak
+        elif i == 5:
+            prob[15:20, 15:20, 3:13] = 0.35  # 250 voxels (0.25 ml): a false positive up to threshold 0.3
+        cases.append(ValidationCase(prob, truth, np.eye(4), f"sub-{i}", fold=i % 2))
+    return cases
+
+
+def _expected_row(cases, t):
+    """Independent recomputation with numpy/scipy of one threshold's scores (components < 20 voxels removed)."""
+    from scipy import ndimage
+
+    dices, per = [], []
+    for c in cases:
+        pred = c.probability >= t
+        labels, n = ndimage.label(pred, structure=np.ones((3, 3, 3)))
+        sizes = ndimage.sum(pred, labels, range(1, n + 1))
+        pred = np.isin(labels, [k + 1 for k, s in enumerate(sizes) if s >= 20])
+        both = pred.sum() + c.truth.sum()
+        d = 2 * (pred & c.truth).sum() / both if both else None
+        true_pos, pred_pos = c.truth.sum() / 1000 >= 0.175, pred.sum() / 1000 >= 0.175
+        outcome = ("TP" if d is not None and d >= 0.01 else "FN") if true_pos and pred_pos else \
+            "FN" if true_pos else "FP" if pred_pos else "TN"
+        per.append((d, true_pos, outcome))
+        dices.append(1.0 if d is None else d)
+    tp, fn = sum(o == "TP" for *_, o in per), sum(o == "FN" for *_, o in per)
+    tn, fp = sum(o == "TN" for *_, o in per), sum(o == "FP" for *_, o in per)
+    recall, spec = tp / (tp + fn), (tn / (tn + fp) if tn + fp else None)
+    dice_p = float(np.mean([d for d, pos, _ in per if pos]))
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    detected = [d for d, _, o in per if o == "TP"]
+    return {"dice_all": float(np.mean(dices)), "dice_P": dice_p, "recall": recall, "specificity": spec,
+            "balanced_accuracy": None if spec is None else (recall + spec) / 2, "f1": f1,
+            "dice_f1": (float(np.mean(dices)) + f1) / 2,
+            "dice_recall": (float(np.mean(detected)) + recall) / 2 if detected else None}
+
+
+def test_threshold_rules_and_the_table_every_candidate_records():
+    from bids_postop.training.threshold import DEFAULT_RULE, RULES, THRESHOLDS, choose_threshold
+
+    cases = _threshold_cases()
+    assert DEFAULT_RULE == "dice_f1" and set(RULES) == {"dice_f1", "dice_positive", "dice_recall",
+                                                        "balanced_accuracy"}
+    chosen = {rule: choose_threshold(cases, rule=rule) for rule in RULES}
+    table = chosen["dice_f1"]["table"]
+    assert [r["threshold"] for r in table] == list(THRESHOLDS)
+    for row in table:
+        expected = _expected_row(cases, row["threshold"])
+        for key in ("dice_all", "dice_P", "recall", "specificity", "balanced_accuracy", "f1"):
+            assert row[key] == pytest.approx(expected[key]), (row["threshold"], key)
+        assert row["scores"]["dice_f1"] == pytest.approx(expected["dice_f1"])
+        assert row["scores"]["balanced_accuracy"] == pytest.approx(expected["balanced_accuracy"])
+    for rule, result in chosen.items():
+        scores = [r["scores"][rule] for r in result["table"] if r["scores"][rule] is not None]
+        assert result["score"] == pytest.approx(max(scores)), rule
+        assert result["rule"] == rule and result["rule_description"] == RULES[rule] and RULES[rule] in result["how"]
+    # the rules disagree on this set: balanced accuracy avoids the false positive (threshold > 0.35), Dice-P alone
+    # keeps the lowest threshold that segments the faintest tumour (<= 0.35)
+    assert chosen["balanced_accuracy"]["threshold"] > 0.35 >= chosen["dice_positive"]["threshold"]
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        choose_threshold(cases, rule="auc")
+
+
+def test_no_positive_validation_participant_keeps_the_default_threshold():
+    from bids_postop.training.threshold import ValidationCase, choose_threshold
+
+    empty = [ValidationCase(np.zeros((8, 8, 8), np.float32), np.zeros((8, 8, 8), bool), np.eye(4), "sub-1")]
+    result = choose_threshold(empty, rule="dice_positive")
+    assert result["threshold"] == 0.5 and "default" in result["how"]

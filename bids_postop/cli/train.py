@@ -32,22 +32,36 @@ participants so far (ties: site name, then lowest fold): no hospital in two fold
 than folds is refused: lower --folds. Written to WORK_DIR/splits.tsv and nnU-Net's splits_final.json.
 
 outputs (WORK_DIR): models/<CONFIG>/ (bids_postop_model.json + nnunet/), splits.tsv, nnunet/{raw,
-preprocessed,results}, prep/ (cached data preparation), test_derivatives/<CONFIG>/ (participant and
-group level on the test site(s); AGU-Net: agunet/test_derivatives/<CONFIG>/), logs/. Rerunning with the
-same WORK_DIR resumes: finished data preparation and folds with a checkpoint_final.pth are skipped.
+preprocessed,results}, prep/ (cached data preparation), logs/, and per model a BIDS derivatives dataset
+predictions/<CONFIG>/ (AGU-Net: agunet/predictions/<CONFIG>/) holding every validation participant's
+prediction by its own fold's network (the cross-validation set; the fold is in each measures JSON,
+provenance.cross_validation) and the test site's predictions by the fold ensemble (participant level), with
+the group level of that model in predictions/<CONFIG>/group_report.html. Finally the group level over every
+model trained in WORK_DIR (both architectures) writes the paper's tables to validation/ (group/
+paper_segmentation.tsv, group/paper_classification.tsv, group_report.html; --no-paper-tables: skip). Rerunning
+with the same WORK_DIR resumes: finished data preparation and folds with a checkpoint_final.pth are skipped.
+
+threshold (--threshold-rule): chosen among 0.1 ... 0.9 on the own-fold validation predictions. dice_f1
+(default): (mean Dice over all validation participants, two empty masks scoring 1, + patient-wise F1) / 2, the
+rule of the study authors' validation code (the paper names none); dice_positive: mean Dice over
+reference-positive participants; dice_recall: (mean Dice over detected positives + recall) / 2 (bids_postop
+0.1, the demo models); balanced_accuracy: patient-wise (recall + specificity) / 2. The model card records the
+rule and, for every candidate threshold, Dice, Dice-P, recall, precision, specificity, balanced accuracy and
+every rule's score (threshold_selection.table).
 
 AGU-Net (--architecture agunet; needs the agunet extra: pip install bids_postop[agunet]): the study's
 full-volume 3-D U-Net with attention gates, multi-scale inputs and deep supervision (filters 16/32/128/256/256,
 input 128x128x144 at 1 mm, z-scored; --tiny: 32x32x32, filters 4/8/8/8/8). Adam lr 1e-3, class-averaged Dice
-loss without background, micro-batches of --batch-size (2) accumulated to --effective-batch-size (32), flips,
-rotations +-20 deg and translations <= 10 % each with p = 0.5, early stop after --patience (30) epochs without
-validation improvement (--epochs: at most, default 1000; --iterations: micro-batches per epoch, default all
-training cases once). --init-model MODEL.keras starts every fold from a trained AGU-Net (layers matched by name,
-the input layers adapted to the number of channels). TensorFlow runs in its own process per fold
-(python -m bids_postop.agunet.worker; output in WORK_DIR/agunet/<CONFIG>/fold_k/worker.log), checkpointing after
-every epoch: a rerun resumes. The fold networks are exported to ONNX and packaged in the Raidionics format
-(pre_processing.ini + fold_k/model.onnx + bids_postop_model.json) in WORK_DIR/agunet/models/<CONFIG>/: the
-participant level runs it with onnxruntime (--model that folder) and averages the folds.
+loss without background, micro-batches of --batch-size (2) accumulated to --effective-batch-size (32), horizontal
+and vertical flips, axial rotations +-20 deg and translations <= 10 % each with p = 0.5, early stop after
+--patience (30) epochs without validation improvement (--epochs: at most, default 1000; --iterations:
+micro-batches per epoch, default all training cases once). --init-model MODEL.keras starts every fold from a
+trained AGU-Net (layers matched by name, the input layers adapted to the number of channels). TensorFlow runs in
+its own process per fold (python -m bids_postop.agunet.worker; output in WORK_DIR/agunet/<CONFIG>/fold_k/
+worker.log), checkpointing after every epoch: a rerun resumes. The fold networks are exported to ONNX and
+packaged in the Raidionics format (pre_processing.ini + fold_k/model.onnx + bids_postop_model.json) in
+WORK_DIR/agunet/models/<CONFIG>/: the participant level runs it with onnxruntime (--model that folder) and
+averages the folds.
 
 exit codes: 0 done; 1 test-set scoring failed for a participant; 64 usage error; 66 no usable input.
 
@@ -129,8 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--brain-method", default="deepbet", choices=["deepbet", "hdbet", "raidionics"])
     g.add_argument("--brain-model", default=None, metavar="NAME|FOLDER",
                    help="Raidionics brain model for --brain-method raidionics (default: MRI_Brain)")
+    g.add_argument("--threshold-rule", default="dice_f1",
+                   choices=["dice_f1", "dice_positive", "dice_recall", "balanced_accuracy"],
+                   help="how the probability threshold is chosen on the validation folds (default: dice_f1, the "
+                        "study authors' validation code; see below)")
     g.add_argument("--no-test-scoring", dest="test_scoring", action="store_false",
                    help="do not run the participant and group levels on the test site(s)")
+    g.add_argument("--no-paper-tables", dest="paper_tables", action="store_false",
+                   help="do not run the group level over every model of WORK_DIR at the end (WORK_DIR/validation)")
     g = parser.add_argument_group("resources")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where networks run (default: auto = cuda when available)")
@@ -177,15 +197,14 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def validation_threshold(model_dir: Path, plan, cases, *, device: str, folds: Sequence[int] | None = None,
-                         progress=LOG.info) -> dict:
-    """Predict every validation participant of ``folds`` (default: all) with its own fold's model; choose the
-    threshold on them all."""
-    from bids_postop.core.images import load_3d, voxel_sizes
+def validation_cases(model_dir: Path, plan, cases, *, device: str, folds: Sequence[int] | None = None,
+                     progress=LOG.info) -> list:
+    """Every validation participant of ``folds`` (default: all) predicted with its own fold's network."""
+    from bids_postop.core.images import load_3d
     from bids_postop.segmentation.models import read_card
     from bids_postop.segmentation.nnunet import NnUNetOptions, predict_probability
     from bids_postop.training.datasets import load_label
-    from bids_postop.training.threshold import ValidationCase, choose_threshold
+    from bids_postop.training.threshold import ValidationCase
 
     card = read_card(model_dir)
     by_id = {c.participant_id: c for c in cases}
@@ -196,14 +215,56 @@ def validation_threshold(model_dir: Path, plan, cases, *, device: str, folds: Se
                 continue
             case = by_id[pid]
             files = [case.channels[r] for r in card.channels]
-            prob = predict_probability(card, files, options=NnUNetOptions(device=device, folds=(fold,)))
+            prob = predict_probability(card, files, options=NnUNetOptions(device=device, folds=(fold,)),
+                                       report=(ran := {}))
             truth = load_label(case.label, case.channels["postop_t1ce"])
             ref = load_3d(case.channels["postop_t1ce"])
-            val_cases.append(ValidationCase(prob, truth, voxel_sizes(ref), pid))
+            val_cases.append(ValidationCase(prob, truth, ref.affine, pid, fold, segmentation=ran))
             progress(f"validation prediction: {pid} (fold {fold})")
-    result = choose_threshold(val_cases)
+    return val_cases
+
+
+def validation_threshold(val_cases, *, rule: str) -> dict:
+    """The threshold chosen under ``rule`` on the own-fold predictions, with the table of every candidate."""
+    from bids_postop.training.threshold import choose_threshold
+
+    result = choose_threshold(val_cases, rule=rule)
     result["validation_participants"] = [c.participant_id for c in val_cases]
     return result
+
+
+def write_cv_predictions(args, config: str, model_dir: Path, val_cases, *, threshold: float, participants,
+                         cases) -> list[Path]:
+    """The own-fold validation predictions as BIDS derivatives in the model's predictions dataset."""
+    from bids_postop.training.predictions import predictions_dir, write_validation_predictions
+
+    return write_validation_predictions(
+        predictions_dir(args.work_dir, args.architecture, config), args.bids_dir, val_cases,
+        participants=participants, prepared={c.participant_id: c for c in cases}, model_dir=model_dir,
+        config=config, threshold=threshold, splits_tsv=args.work_dir / "splits.tsv",
+        provenance={"bids_postop_version": __version__, "command_line": getattr(args, "command", ""),
+                    "threshold_rule": args.threshold_rule,
+                    "brain_extraction": {"method": args.brain_method,
+                                         **({"model": args.brain_model} if args.brain_model else {})}})
+
+
+def cv_predictions_complete(args, config: str, model_dir: Path, plan, folds: Sequence[int], ids) -> bool:
+    """True when the predictions dataset holds, for this very model card, every fold's validation participants."""
+    from bids_postop.segmentation.models import read_card
+    from bids_postop.training.predictions import CV_KEY, predictions_dir
+
+    card = read_card(model_dir)
+    found = {}
+    for path in predictions_dir(args.work_dir, args.architecture, config).glob("sub-*/**/*_measures.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        cv = (data.get("provenance") or {}).get(CV_KEY) or {}
+        if (data.get("model") or {}).get("name") == card.name and (data.get("model") or {}).get(
+                "threshold") == card.threshold:
+            found[data.get("participant_id")] = cv.get("fold")
+    return all(found.get(p) == k for k in folds for p in plan.validation(k) if p in ids)
 
 
 def write_card(model_dir: Path, *, config: str, threshold: float, folds: Sequence[int], extra: dict,
@@ -220,6 +281,7 @@ def write_card(model_dir: Path, *, config: str, threshold: float, folds: Sequenc
                        f"configuration {config}, trained with bids_postop-train {__version__}"
                        f"{trained_on(extra.get('training', {}).get('dataset_name'))}.",
         "intended_use": "research; trained with bids_postop-train, not validated for clinical use",
+        "not_for_clinical_use": True,
         "architecture": "nnunet",
         "configuration": config,
         "channels": list(CONFIGURATIONS[config]),  # type: ignore[index]
@@ -245,8 +307,9 @@ def _model_up_to_date(model_dir: Path, data_hash: str, folds: list[int], expect:
             and all((model_dir / "nnunet" / f"fold_{k}" / "checkpoint_final.pth").is_file() for k in folds))
 
 
-def train_configuration(config: str, args, cases, plan, command: str) -> Path:
-    """Raw dataset → plan/preprocess → folds → export → threshold → card. Returns the model folder."""
+def train_configuration(config: str, args, cases, plan, command: str, participants=None) -> Path:
+    """Raw dataset → plan/preprocess → folds → export → own-fold validation predictions (written as BIDS
+    derivatives) → threshold → card. Returns the model folder."""
     from bids_postop.bids.inputs import bids_dataset_name
     from bids_postop.training import nnunet as nn
     from bids_postop.training.datasets import DATASET_IDS, dataset_name, write_raw_dataset
@@ -300,8 +363,17 @@ def train_configuration(config: str, args, cases, plan, command: str) -> Path:
     name = args.model_name
     patch = list(args.inference_patch_size) if args.inference_patch_size else None
     if not fold_seconds and _model_up_to_date(model_dir, data_hash, folds, {
-            "name": f"{name}-{config}", **({"inference_patch_size": patch} if patch else {})}):
+            "name": f"{name}-{config}", **({"inference_patch_size": patch} if patch else {})}) and json.loads(
+            (model_dir / "bids_postop_model.json").read_text()).get("threshold_selection", {}).get(
+            "rule") == args.threshold_rule:
         LOG.info("[%s] model %s is up to date (same data, folds trained before): reused", config, model_dir)
+        if participants is not None and not cv_predictions_complete(args, config, model_dir, plan, folds, ids):
+            from bids_postop.segmentation.models import read_card
+
+            LOG.info("[%s] writing the cross-validation predictions (missing)", config)
+            val_cases = validation_cases(model_dir, plan, usable, device=resolve_device(args.device), folds=folds)
+            write_cv_predictions(args, config, model_dir, val_cases, threshold=read_card(model_dir).threshold,
+                                 participants=participants, cases=usable)
         return export_model_dir(model_dir, args.export_to, config)
     nn.export_model(did, model_dir, folds, mirror_axes=tiny.mirror_axes if tiny else "keep")
     training_patch = json.loads((model_dir / "nnunet" / "plans.json").read_text())["configurations"][
@@ -314,7 +386,8 @@ def train_configuration(config: str, args, cases, plan, command: str) -> Path:
     device = resolve_device(args.device)
     write_card(model_dir, config=config, threshold=0.5, folds=folds, extra={},  # provisional: read by predictions
                name=name)
-    thr = validation_threshold(model_dir, plan, usable, device=device, folds=folds)
+    val_cases = validation_cases(model_dir, plan, usable, device=device, folds=folds)
+    thr = validation_threshold(val_cases, rule=args.threshold_rule)
     LOG.info("[%s] threshold %.2f (%s)", config, thr["threshold"], thr["how"])
     write_card(model_dir, config=config, threshold=thr["threshold"], folds=folds, name=name, extra={
         "inference_patch_size": patch or training_patch,
@@ -334,6 +407,9 @@ def train_configuration(config: str, args, cases, plan, command: str) -> Path:
         },
     })
     LOG.info("[%s] model written: %s", config, model_dir)
+    if participants is not None:
+        write_cv_predictions(args, config, model_dir, val_cases, threshold=thr["threshold"],
+                             participants=participants, cases=usable)
     return export_model_dir(model_dir, args.export_to, config)
 
 
@@ -359,22 +435,30 @@ def _raidionics_brain_model(args) -> str | None:
 
 
 def scoring_root(work_dir: Path, architecture: str) -> Path:
-    """Where the test set is scored (test_derivatives/<CONFIG>, test_work): beside the architecture's models,
-    so that an nnU-Net and an AGU-Net model of the same configuration trained in one WORK_DIR do not overwrite
-    each other's scores."""
+    """Where a model's predictions are written (predictions/<CONFIG>): beside the architecture's models, so that
+    an nnU-Net and an AGU-Net model of the same configuration trained in one WORK_DIR do not overwrite each
+    other's predictions. (The participant level's work directory, WORK_DIR/test_work, is shared: the test
+    participants' registration and brain extraction are reused across models and architectures.)"""
     return work_dir / "agunet" if architecture == "agunet" else work_dir
 
 
-def score_test_set(args, config: str, model_dir: Path, plan) -> int:
-    """Participant level (new model) and group level (metrics) on the held-out participants."""
-    from bids_postop.cli.run import main as run_main
+def _manual_name(args) -> str:
+    name = args.manual[0]
+    return name if name.startswith("manual") else f"manual_{name}"  # the group level's naming rule
 
-    root = scoring_root(args.work_dir, args.architecture)
-    out = root / "test_derivatives" / config
+
+def score_test_set(args, config: str, model_dir: Path, plan) -> int:
+    """Participant level (new model, fold ensemble) on the held-out participants, into the model's predictions
+    dataset beside its cross-validation predictions; then the group level on that dataset (validation and test
+    columns of this one model)."""
+    from bids_postop.cli.run import main as run_main
+    from bids_postop.training.predictions import predictions_dir
+
+    out = predictions_dir(args.work_dir, args.architecture, config)
     common = ["--skip-bids-validation"] if args.skip_bids_validation else []
     derivs = [f"{n}={p}" for n, p in args.derivatives]
     argv = [str(args.bids_dir), str(out), "participant", "--participant-label", *plan.test, "--model",
-            str(model_dir), "--config", config, "-w", str(root / "test_work"), "--device", args.device,
+            str(model_dir), "--config", config, "-w", str(args.work_dir / "test_work"), "--device", args.device,
             "--postop-session", args.postop_session, "--preop-session", args.preop_session,
             "--nprocs", str(args.nprocs), "--brain-method", args.brain_method,
             *(["--brain-model", args.brain_model] if args.brain_method == "raidionics" and args.brain_model else []),
@@ -382,9 +466,8 @@ def score_test_set(args, config: str, model_dir: Path, plan) -> int:
             *(["-d", *derivs] if derivs else [])]
     LOG.info("[%s] test set (%s): bids_postop %s", config, ", ".join(plan.test_sites), shlex.join(argv))
     code = run_main(argv)
-    name, path = args.manual
-    name = name if name.startswith("manual") else f"manual_{name}"  # the group level's naming rule
-    group = run_main([str(args.bids_dir), str(out), "group", "-d", f"{name}={path}", *common])
+    group = run_main([str(args.bids_dir), str(out), "group", "-d", f"{_manual_name(args)}={args.manual[1]}",
+                      "--folds", str(args.work_dir / "splits.tsv"), *common])
     LOG.info("[%s] test set: participant level exit %d, group level exit %d (%s)", config, code, group, out)
     return code or group
 
@@ -405,16 +488,61 @@ def _check_agunet_args(args) -> None:
                          f"{args.batch_size}")
 
 
-def train_agunet(config: str, args, cases, plan, command: str) -> Path:
+def train_agunet(config: str, args, cases, plan, command: str, participants=None) -> Path:
     from bids_postop.training import agunet
 
     options = agunet.AgunetOptions(
         tiny=args.tiny, max_epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
         effective_batch_size=args.effective_batch_size, iterations=args.iterations, init_model=args.init_model,
-        threads=args.omp_nthreads, device=args.device)
+        threads=args.omp_nthreads, device=args.device, threshold_rule=args.threshold_rule)
     folds = getattr(args, "train_folds", None)
+    usable = [c for c in cases if c.has(config) and c.participant_id not in plan.test]
+    ids = {c.participant_id for c in usable}
+    folds_done = sorted(set(folds)) if folds else list(range(plan.n_folds))
+
+    def write(model_dir: Path, val_cases, threshold: float) -> None:
+        write_cv_predictions(args, config, model_dir, val_cases, threshold=threshold, participants=participants,
+                             cases=usable)
+
+    def complete(model_dir: Path) -> bool:
+        return cv_predictions_complete(args, config, model_dir, plan, folds_done, ids)
+
     return agunet.train_configuration(config, args, cases, plan, command, options=options, folds=folds,
-                                      name=f"{getattr(args, 'model_name', 'bids_postop-train')}-agunet")
+                                      name=f"{getattr(args, 'model_name', 'bids_postop-train')}-agunet",
+                                      cv_writer=write if participants is not None else None, cv_complete=complete)
+
+
+def model_predictions(work_dir: Path) -> dict[str, Path]:
+    """Every model's predictions dataset in WORK_DIR, named ``<architecture>-<CONFIG>``."""
+    found = {}
+    for architecture in ("nnunet", "agunet"):
+        root = scoring_root(work_dir, architecture) / "predictions"
+        for folder in sorted(root.glob("*")) if root.is_dir() else []:
+            if folder.is_dir() and any(folder.glob("sub-*/**/*_measures.tsv")):
+                found[f"{architecture}-{folder.name}"] = folder
+    return found
+
+
+def group_command(args) -> list[str]:
+    """``bids_postop`` arguments of the group level over every model trained in WORK_DIR: the paper's tables
+    (validation = own-fold predictions, test = fold ensemble on the held-out site) in WORK_DIR/validation."""
+    datasets = model_predictions(args.work_dir)
+    return [str(args.bids_dir), str(args.work_dir / "validation"), "group",
+            "-d", f"{_manual_name(args)}={args.manual[1]}", "--folds", str(args.work_dir / "splits.tsv"),
+            *(["--skip-bids-validation"] if args.skip_bids_validation else []),
+            *(["--compare", *(f"{k}={v}" for k, v in datasets.items())] if datasets else [])]
+
+
+def run_paper_tables(args) -> int:
+    """The group level over every model's predictions in WORK_DIR (both architectures): WORK_DIR/validation."""
+    from bids_postop.cli.run import main as run_main
+
+    argv = group_command(args)
+    if "--compare" not in argv:
+        LOG.warning("no predictions dataset in %s: no tables", args.work_dir)
+        return EXIT_OK
+    LOG.info("paper tables of every model in %s: bids_postop %s", args.work_dir, shlex.join(argv))
+    return run_main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -478,13 +606,17 @@ def run(args, command: str) -> int:
                           brain_method=args.brain_method, device=args.device, omp_nthreads=args.omp_nthreads,
                           brain_model=_raidionics_brain_model(args))
     trainer = train_agunet if args.architecture == "agunet" else train_configuration
-    models = {config: trainer(config, args, cases, plan, command) for config in args.config}
+    by_id = {p.participant_id: p for p in participants}
+    args.command = command
+    models = {config: trainer(config, args, cases, plan, command, by_id) for config in args.config}
     LOG.info("models: %s (use: bids_postop BIDS_DIR OUT participant --model %s)",
              ", ".join(str(m) for m in models.values()), next(iter(models.values())).parent)
     code = EXIT_OK
     if args.test_scoring and plan.test:
         for config, model_dir in models.items():
             code = score_test_set(args, config, model_dir, plan) or code
+    if args.paper_tables:
+        code = run_paper_tables(args) or code
     return EXIT_OK if code == EXIT_OK else EXIT_PARTICIPANT_FAILED
 
 

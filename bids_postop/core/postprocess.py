@@ -121,6 +121,7 @@ class ResidualMeasures:
     gtr_rule: str
     preop_volume_ml: float | None
     eor_percent: float | None
+    gtr_inclusive: bool = False  # True: exactly the cut-off is GTR (the study's code); False: RT (the paper's text)
     notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
@@ -161,6 +162,7 @@ def postprocess_probability(probability: np.ndarray, grid: Grid, *,
         gtr_rule=f"GTR if residual {'<=' if gtr_inclusive else '<'} {cutoff_ml} ml",
         preop_volume_ml=preop_volume_ml,
         eor_percent=extent_of_resection(preop_volume_ml, residual),
+        gtr_inclusive=bool(gtr_inclusive),
         notes=tuple(notes),
     )
     return kept.astype(np.uint8), measures

@@ -109,11 +109,12 @@ def _methods(predictions: Mapping[str, list[Prediction]]) -> dict[str, str]:
     from bids_postop.reports.boilerplate import RunDescription, methods_markdown
 
     out: dict[str, str] = {}
-    for preds in predictions.values():
-        for p in preds:
-            if p.source not in out and p.model:
-                out[p.source] = methods_markdown(RunDescription.from_measures(
-                    {"model": p.model, "measures": p.measures, "provenance": p.provenance}))
+    every = [p for preds in predictions.values() for p in preds if p.model]
+    # a participant-level run (it records what the backend ran) rather than a training's own-fold prediction
+    for p in sorted(every, key=lambda p: p.cv_fold is not None):
+        if p.source not in out:
+            out[p.source] = methods_markdown(RunDescription.from_measures(
+                {"model": p.model, "measures": p.measures, "provenance": p.provenance}))
     return out
 
 

@@ -62,6 +62,7 @@ class AgunetOptions:
     init_model: Path | None = None
     threads: int = 1
     device: str = "cpu"
+    threshold_rule: str = "dice_f1"  # bids_postop.training.threshold.RULES
 
 
 def network_spec(config: str, *, tiny: bool) -> NetworkSpec:
@@ -130,7 +131,7 @@ def _validation_cases(model_dir: Path, config: str, plan, cases, folds: Sequence
                       threads: int) -> list:
     """Each validation participant predicted by its own fold's network, on its post-op T1w-CE grid."""
     from bids_postop.agunet.data import brain_from_stripped
-    from bids_postop.core.images import load_3d, voxel_sizes
+    from bids_postop.core.images import load_3d
     from bids_postop.segmentation import raidionics as R
     from bids_postop.training.datasets import load_label
     from bids_postop.training.threshold import ValidationCase
@@ -152,24 +153,32 @@ def _validation_cases(model_dir: Path, config: str, plan, cases, folds: Sequence
                                         device=device, threads=threads)
             probability = R.to_reference_grid(probabilities[..., ini.foreground_class], prepared)
             truth = load_label(case.label, case.channels["postop_t1ce"])
-            out.append(ValidationCase(probability, truth, voxel_sizes(images[0]), pid))
+            out.append(ValidationCase(probability, truth, images[0].affine, pid, fold, segmentation={
+                "backend": "raidionics", "engine": "onnxruntime", "folds": [fold], "n_networks": 1,
+                "use_mirroring": False}))
             LOG.info("[%s] validation prediction: %s (fold %d)", config, pid, fold)
     return out
 
 
-def _up_to_date(model_dir: Path, data_hash: str, jobs: dict) -> bool:
+def _up_to_date(model_dir: Path, data_hash: str, jobs: dict, rule: str) -> bool:
     try:
         card = json.loads((model_dir / "bids_postop_model.json").read_text())
     except (OSError, ValueError):
         return False
     training = card.get("training", {})
     return (training.get("data_hash") == data_hash and training.get("jobs") == jobs
+            and card.get("threshold_selection", {}).get("rule") == rule
             and all((model_dir / f"fold_{k}" / "model.onnx").is_file() for k in jobs))
 
 
 def train_configuration(config: str, args, cases, plan, command: str, *, options: AgunetOptions,
-                        folds: Sequence[int] | None = None, name: str = "bids_postop-train-agunet") -> Path:
-    """Arrays → one AGU-Net per fold (worker processes) → package → threshold → card. Returns the model folder."""
+                        folds: Sequence[int] | None = None, name: str = "bids_postop-train-agunet",
+                        cv_writer: Callable[[Path, list, float], object] | None = None,
+                        cv_complete: Callable[[Path], bool] | None = None) -> Path:
+    """Arrays → one AGU-Net per fold (worker processes) → package → own-fold validation predictions → threshold
+    → card. Returns the model folder. ``cv_writer(model_dir, validation_cases, threshold)`` receives the
+    own-fold predictions (written as BIDS derivatives by the caller); on a rerun with an up-to-date model it is
+    called only when ``cv_complete(model_dir)`` is false."""
     from bids_postop.agunet.data import prepare_arrays
     from bids_postop.agunet.export import write_model_card, write_preprocessing_ini
     from bids_postop.training.threshold import choose_threshold
@@ -225,8 +234,16 @@ def train_configuration(config: str, args, cases, plan, command: str, *, options
                  _eta(time.monotonic() - fold_start))
     model_dir = args.work_dir / "agunet" / "models" / config
     jobs_key = {str(k): v for k, v in jobs.items()}
-    if not trained and _up_to_date(model_dir, data_hash, jobs_key):
+    if not trained and _up_to_date(model_dir, data_hash, jobs_key, options.threshold_rule):
         LOG.info("[%s] model %s is up to date (same data, folds trained before): reused", config, model_dir)
+        if cv_writer is not None and not (cv_complete is not None and cv_complete(model_dir)):
+            from bids_postop.segmentation.models import read_card
+            from bids_postop.settings import resolve_device
+
+            LOG.info("[%s] writing the cross-validation predictions (missing)", config)
+            cv_writer(model_dir, _validation_cases(model_dir, config, plan, usable, folds,
+                                                   device=resolve_device(options.device), threads=options.threads),
+                      read_card(model_dir).threshold)
         return model_dir
     shutil.rmtree(model_dir, ignore_errors=True)
     for fold in folds:
@@ -237,7 +254,7 @@ def train_configuration(config: str, args, cases, plan, command: str, *, options
 
     device = resolve_device(options.device)
     val_cases = _validation_cases(model_dir, config, plan, usable, folds, device=device, threads=options.threads)
-    thr = choose_threshold(val_cases)
+    thr = choose_threshold(val_cases, rule=options.threshold_rule)
     thr["validation_participants"] = [c.participant_id for c in val_cases]
     LOG.info("[%s] threshold %.2f (%s)", config, thr["threshold"], thr["how"])
     write_preprocessing_ini(model_dir, spec, threshold=thr["threshold"])
@@ -261,6 +278,8 @@ def train_configuration(config: str, args, cases, plan, command: str, *, options
                                 "training_seconds_this_run": round(time.monotonic() - start),
                                 "versions": _versions(), "bids_postop_version": __version__}})
     LOG.info("[%s] model written: %s", config, model_dir)
+    if cv_writer is not None:
+        cv_writer(model_dir, val_cases, thr["threshold"])
     return model_dir
 
 
