@@ -92,6 +92,7 @@ def write_model_card(folder: str | Path, *, configuration: str, threshold: float
                                       f"on early post-operative MRI, input configuration {configuration}",
         "intended_use": "research; trained with bids_postop-train --architecture agunet, not validated for "
                         "clinical use",
+        "not_for_clinical_use": True,
         "architecture": "raidionics",
         "configuration": configuration,
         "channels": list(CONFIGURATIONS[configuration]),  # type: ignore[index]
