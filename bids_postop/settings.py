@@ -57,6 +57,8 @@ class RunSettings:
     rater_groups: Path | None = None
     folds: Path | None = None
     compare: dict[str, Path] = field(default_factory=dict)
+    reclassify: bool = False  # group level: one cut-off for all instead of each participant's own
+    interrater_all_patients: bool = False  # group level: inter-rater Jaccard over all patients
     n_bootstrap: int = 2000
     seed: int = 0
     verbosity: int = 0

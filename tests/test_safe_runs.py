@@ -339,3 +339,77 @@ def test_two_models_into_one_output_keep_both(real_run):
     for out in outputs:
         for rel in out.values():
             assert (real_run["out"] / rel).is_file(), rel
+
+
+# --- group level: each participant's own cut-off; several models in one output -------------------------------
+
+def _participant_outputs(out: Path, bids: Path, label: str, *, model: str, residual_ml_voxels: int, cutoff: float,
+                         truth: Path | None = None) -> None:
+    """One session's derivatives as the participant level writes them (write_session_outputs), residual
+    ``residual_ml_voxels`` voxels of 1 mm3 in a 30^3 grid, classified with ``cutoff``."""
+    from bids_postop.bids.derivatives import write_dataset_description, write_session_outputs
+    from bids_postop.core.postprocess import postprocess_probability
+
+    affine = np.eye(4)
+    prob = np.zeros((30, 30, 30), np.float32)
+    prob.reshape(-1)[:residual_ml_voxels] = 0.9
+    work = out.parent / f"work_{label}_{model}"
+    work.mkdir(parents=True, exist_ok=True)
+    mask, measures = postprocess_probability(prob, affine, threshold=0.5, min_component_voxels=1, cutoff_ml=cutoff)
+    t1ce = bids / f"sub-{label}" / "ses-postop" / "anat" / f"sub-{label}_ses-postop_ce-gd_T1w.nii.gz"
+    write_nifti(t1ce, prob, affine)
+    write_dataset_description(out, bids)
+    write_session_outputs(
+        out, bids, subject=label, session="postop", site="north", sources={"postop_t1ce": t1ce},
+        residual_mask=write_nifti(work / "mask.nii.gz", mask, affine),
+        residual_probseg=write_nifti(work / "prob.nii.gz", prob, affine),
+        brain_mask=write_nifti(work / "brain.nii.gz", np.ones((30, 30, 30), np.uint8), affine),
+        measures=measures.as_dict(), configuration="A",
+        model={"name": model, "architecture": "nnunet", "configuration": "A", "threshold": 0.5,
+               "derivatives_desc": model.replace("-", ""), "not_for_clinical_use": True})
+    if truth is not None:
+        write_nifti(truth / f"sub-{label}" / "ses-postop" / "anat" / f"sub-{label}_ses-postop_label-tumor_mask.nii.gz",
+                    mask, affine)
+
+
+def test_group_level_uses_each_participants_cut_off_and_flags_mixed_settings(tmp_path):
+    bids, out = tmp_path / "bids", tmp_path / "bids" / "derivatives" / "bids_postop"
+    make_bids(bids, {})
+    # 1000 voxels = 1 ml: RT with the default cut-off, GTR with --gtr-cutoff-ml 5 (what sub-01 was run with)
+    _participant_outputs(out, bids, "01", model="m-A", residual_ml_voxels=1000, cutoff=5.0)
+    assert main([str(bids), str(out), "group"]) == 0
+    summary = json.loads((out / "group_summary.json").read_text())
+    text = json.dumps(summary)
+    assert "5 ml" in text and "0.175" not in text.split("GTR if residual")[1][:12], text[:2000]
+    rows = (out / "group_summary.tsv").read_text().splitlines()
+    header, row = rows[0].split("\t"), rows[1].split("\t")
+    assert row[header.index("resection_status")] == "GTR" and float(row[header.index("gtr_cutoff_ml")]) == 5
+    # a second participant run with the default cut-off: the cohort's settings are mixed, and said so
+    _participant_outputs(out, bids, "02", model="m-A", residual_ml_voxels=1000, cutoff=0.175)
+    assert main([str(bids), str(out), "group"]) == 0
+    assert "MIXED SETTINGS" in (out / "group_summary.json").read_text()  # the column dictionary says so
+    assert "mixed GTR cut-off settings" in (out / "group_report.html").read_text()
+    # --reclassify applies one rule to every participant
+    assert main([str(bids), str(out), "group", "--reclassify"]) == 0
+    rows = [r.split("\t") for r in (out / "group_summary.tsv").read_text().splitlines()]
+    assert {r[rows[0].index("resection_status")] for r in rows[1:]} == {"RT"}
+
+
+def test_two_models_in_one_output_are_each_evaluated_against_the_truth(tmp_path):
+    bids, out = tmp_path / "bids", tmp_path / "bids" / "derivatives" / "bids_postop"
+    manual = tmp_path / "manual"
+    make_bids(bids, {})
+    (manual).mkdir()
+    (manual / "dataset_description.json").write_text(json.dumps(
+        {"Name": "truth", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}))
+    for label in ("01", "02"):
+        _participant_outputs(out, bids, label, model="good-A", residual_ml_voxels=1500, cutoff=0.175, truth=manual)
+        _participant_outputs(out, bids, label, model="bad-A", residual_ml_voxels=300, cutoff=0.175)
+    assert len(list(out.glob("sub-*/ses-postop/*_measures.json"))) == 4, "both models' results kept"
+    assert main([str(bids), str(out), "group", "-d", f"manual={manual}"]) == 0
+    rows = [r.split("\t") for r in (out / "group" / "patients.tsv").read_text().splitlines()]
+    header = rows[0]
+    dice = {(r[header.index("source")], r[header.index("participant_id")]): r[header.index("dice")] for r in rows[1:]}
+    assert {s for s, _ in dice} == {"main:goodA", "main:badA"}, dice
+    assert all(float(dice[("main:goodA", p)]) == 1.0 for p in ("sub-01", "sub-02"))
+    assert all(float(dice[("main:badA", p)]) == pytest.approx(2 * 300 / 1800) for p in ("sub-01", "sub-02"))

@@ -39,8 +39,8 @@ COLUMN_DEFINITIONS = {
     "site": "site (hospital) from participants.tsv",
     "config": "input configuration used (A: T1w-CE; B: +T1w; C: +FLAIR; D: B + pre-op T1w-CE and mask; E: all)",
     "model": "the model's name (its card: measures JSON 'model')",
-    "residual_volume_ml": "residual enhancing tumour: voxel count x |det(affine)| / 1000 on the T1w-CE grid, ml "
-                          "(rounded to 1e-6 ml before the GTR cut-off)",
+    "residual_volume_ml": "residual enhancing tumour: voxel count x |det(affine)| / 1000 on the T1w-CE grid, "
+                          "rounded to 1e-6 ml (before the GTR cut-off), ml",
     "resection_status": "GTR (gross total resection) when the residual is below the cut-off, else RT",
     "preop_volume_ml": "pre-operative tumour mask volume in its own grid, ml; n/a without a pre-operative mask",
     "eor_percent": "extent of resection, 100 x (preop - residual) / preop; not clipped (negative flags a problem)",

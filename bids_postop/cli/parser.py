@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-component-voxels", type=int, default=20, metavar="N",
                    help="remove residual components smaller than N voxels (default: 20)")
     g.add_argument("--gtr-cutoff-ml", type=float, default=0.175, metavar="ML",
-                   help="residual volume below which the resection is gross total (default: 0.175)")
+                   help="residual volume below which the resection is gross total (default: 0.175); at the group "
+                        "level it applies with --reclassify, or to participants that recorded no cut-off")
     g.add_argument("--gtr-inclusive", action="store_true",
                    help="classify a residual of exactly the cut-off as GTR (the study's validation code) "
                         "instead of RT (the paper's text, default)")
@@ -166,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-bootstrap", type=positive_int, default=2000, metavar="N",
                    help="bootstrap resamples for BCa confidence intervals (default: 2000)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap (default: 0)")
+    g.add_argument("--reclassify", action="store_true",
+                   help="classify every participant with --gtr-cutoff-ml/--gtr-inclusive (default: each participant "
+                        "keeps the cut-off it was classified with; a cohort with mixed settings is flagged)")
+    g.add_argument("--interrater-all-patients", action="store_true",
+                   help="inter-rater Jaccard over all patients (default: over reference-positive patients, as "
+                        "the paper reports it)")
 
     g = parser.add_argument_group("resources")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",

@@ -71,6 +71,7 @@ def settings_from_args(argv: Sequence[str] | None) -> RunSettings:
         reports_only=args.reports_only, clean_workdir=args.clean_workdir, boilerplate=args.boilerplate,
         rater_groups=args.rater_groups, folds=args.folds, compare=dict(args.compare),
         n_bootstrap=args.n_bootstrap, seed=args.seed, verbosity=args.verbosity, notrack=args.notrack,
+        reclassify=args.reclassify, interrater_all_patients=args.interrater_all_patients,
         command_line=shlex.join(["bids_postop", *(argv if argv is not None else sys.argv[1:])]))
 
 
@@ -493,8 +494,9 @@ def run_group(settings: RunSettings) -> int:
     written = run_group_level(
         settings.output_dir, bids_dir=settings.bids_dir, manual=manual or None,
         rater_groups_tsv=settings.rater_groups, folds_tsv=settings.folds, compare=settings.compare or None,
-        gtr_cutoff_ml=settings.gtr_cutoff_ml, gtr_inclusive=settings.gtr_inclusive,
-        n_bootstrap=settings.n_bootstrap, seed=settings.seed, progress=lambda msg: LOG.info("group: %s", msg))
+        gtr_cutoff_ml=settings.gtr_cutoff_ml, gtr_inclusive=settings.gtr_inclusive, reclassify=settings.reclassify,
+        interrater_all_patients=settings.interrater_all_patients, n_bootstrap=settings.n_bootstrap,
+        seed=settings.seed, progress=lambda msg: LOG.info("%s", msg.removeprefix("group: ")))
     LOG.info("group: %d files written, report: %s", len(written), settings.output_dir / "group_report.html")
     return EXIT_OK
 

@@ -5,6 +5,13 @@ The definitions and the empty-mask policy live here, so that every table carries
 
 from __future__ import annotations
 
+from bids_postop.bids.derivatives import COLUMN_DEFINITIONS
+
+# participant-level columns passed through to group_summary.tsv (RANO measures, uncertainty)
+PARTICIPANT_EXTRA_COLUMNS = ("rano_resect_class", "measurable_lesions", "sum_bidimensional_mm2", "review_flag",
+                             "rt_fraction_members", "residual_volume_ml_min", "residual_volume_ml_max")
+UNITS = {"sum_bidimensional_mm2": "mm^2", "residual_volume_ml_min": "ml", "residual_volume_ml_max": "ml"}
+
 EMPTY_CELL = "n/a means unknown or undefined (never averaged as 0); cells of older outputs may be empty."
 DICE_POLICY = ("Dice 2|A∩B|/(|A|+|B|) on the voxels of the post-op T1w-CE grid. Undefined (n/a, with the "
                "reason) when both masks are empty, which happens only for patients whose reference is "
@@ -56,6 +63,9 @@ def group_summary(cutoff_statement: str) -> dict[str, dict]:
         "gtr_inclusive": d("true: a residual of exactly the cut-off is GTR (the study's code); false: RT (the "
                            "paper's text)"),
         "not_for_clinical_use": d("true when the model card says the model is not for clinical use"),
+        "gtr_rule_source": d("whose GTR rule classified the row: the participant level's own, or the group's "
+                             "(--reclassify; then resection_status is recomputed from the residual volume)"),
+        **{column: d(COLUMN_DEFINITIONS[column], UNITS.get(column)) for column in PARTICIPANT_EXTRA_COLUMNS},
         "fold": d("Cross-validation fold or hold-out set (own-fold predictions: from the measures JSON; else the "
                   "folds TSV or participants.tsv; else the model card's test participants); n/a if unknown"),
         "set": d("Which column of the paper's tables the row belongs to", levels=SET_LEVELS),
@@ -76,7 +86,10 @@ def cohort() -> dict[str, dict]:
             "configs": d("Input configurations used, config:count"),
             **_distribution("residual_volume_ml", "residual tumour volume", "ml"),
             **_distribution("preop_volume_ml", "pre-operative tumour volume", "ml"),
-            **_distribution("eor_percent", "extent of resection", "%")}
+            **_distribution("eor_percent", "extent of resection", "%"),
+            "rano_classes": d("RANO resect classes of the participants, class:count (n/a: not decidable)"),
+            "n_review_flagged": d("Sessions whose review_flag is true (the model's members disagree: check them)"),
+            "n_review_known": d("Sessions with a review_flag (true or false; n/a when nothing varied)")}
 
 
 def patients(cutoff_statement: str) -> dict[str, dict]:

@@ -118,6 +118,19 @@ def _methods(predictions: Mapping[str, list[Prediction]]) -> dict[str, str]:
     return out
 
 
+def _summary_rule(prediction: Prediction, cutoff_rule: Callable) -> dict:
+    """The row's GTR rule and call as the group level applies it: the participant's own, or with --reclassify the
+    group's (the call recomputed from the residual volume)."""
+    from bids_postop.core.postprocess import classify_resection
+
+    cutoff_ml, inclusive, source = cutoff_rule(prediction)
+    out = {"gtr_cutoff_ml": cutoff_ml, "gtr_inclusive": "true" if inclusive else "false", "gtr_rule_source": source}
+    volume = str(prediction.row.get("residual_volume_ml", "")).strip()
+    if source.startswith("group") and volume not in ("", "n/a"):
+        out["resection_status"] = classify_resection(float(volume), cutoff_ml=cutoff_ml, gtr_inclusive=inclusive)
+    return out
+
+
 def run_group_level(output_dir: Path, *, bids_dir: Path, manual: Mapping[str, Path] | None = None,
                     rater_groups_tsv: Path | None = None, folds_tsv: Path | None = None,
                     compare: Mapping[str, Path] | None = None, gtr_cutoff_ml: float = GTR_CUTOFF_ML,
@@ -155,9 +168,9 @@ def run_group_level(output_dir: Path, *, bids_dir: Path, manual: Mapping[str, Pa
     placement = {(p.source, p.key): fold_and_set(p, folds) for preds in predictions.values() for p in preds}
     results.methods = _methods(predictions)
     summary_sources = [MAIN] if MAIN in predictions else list(predictions)
-    results.summary = [{**p.row, "source": p.source, "model": p.model_name or p.row.get("model"),
-                        "config": p.configuration, "fold": placement[(p.source, p.key)][0],
-                        "set": placement[(p.source, p.key)][1]}
+    results.summary = [{**p.row, **_summary_rule(p, cutoff_rule), "source": p.source,
+                        "model": p.model_name or p.row.get("model"), "config": p.configuration,
+                        "fold": placement[(p.source, p.key)][0], "set": placement[(p.source, p.key)][1]}
                        for name in summary_sources for p in predictions[name]]
     written = write_table(output_dir / "group_summary.tsv", results.summary, dd.group_summary(statement))
     results.cohort = cohort_rows(results.summary)

@@ -77,8 +77,20 @@ def cohort_rows(summary: Sequence[Mapping[str, str]]) -> list[dict]:
                     "configs": "; ".join(f"{k}:{v}" for k, v in sorted(configs.items())),
                     **_quantiles([_float(r.get("residual_volume_ml")) for r in rows], "residual_volume_ml"),
                     **_quantiles([_float(r.get("preop_volume_ml")) for r in rows], "preop_volume_ml"),
-                    **_quantiles([_float(r.get("eor_percent")) for r in rows], "eor_percent")})
+                    **_quantiles([_float(r.get("eor_percent")) for r in rows], "eor_percent"),
+                    **_review_and_classes(rows)})
     return out
+
+
+def _review_and_classes(rows: Sequence[Mapping[str, str]]) -> dict:
+    """RANO resect class distribution and the review-flag counts of a group of summary rows."""
+    classes: dict[str, int] = {}
+    for r in rows:
+        label = str(r.get("rano_resect_class") or "n/a")
+        classes[label] = classes.get(label, 0) + 1
+    flags = [str(r.get("review_flag", "")).lower() for r in rows]
+    return {"rano_classes": "; ".join(f"{k}:{v}" for k, v in sorted(classes.items())),
+            "n_review_flagged": flags.count("true"), "n_review_known": sum(f in ("true", "false") for f in flags)}
 
 
 def dice_all(row: Mapping) -> float | None:
