@@ -80,3 +80,13 @@ def test_bosh_validates_and_simulated_command_parses(tmp_path):
     assert args.participant_label == ["01", "02"] and args.postop_session == "early"
     assert args.use_mirroring is False and args.nprocs == 2 and args.config == "B" and args.mem_gb == 8.0
     assert args.verbosity == 2 and args.model == "demo"
+
+
+def test_container_check_and_install_scripts_are_valid_bash():
+    """scripts/container_check.sh builds and runs the image (by hand: ~20 min, docs/hpc.md); here it is parsed,
+    and install.sh keeps the torch pair it installed (a constraint for everything after it)."""
+    for script in ("container_check.sh", "install.sh"):
+        proc = subprocess.run(["bash", "-n", str(REPO / "scripts" / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    install = (REPO / "scripts" / "install.sh").read_text()
+    assert '-c "$constraints"' in install and "grep -E '^(torch|torchvision)=='" in install
