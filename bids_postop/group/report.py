@@ -255,8 +255,9 @@ CI_COLUMNS = [f"{m}_ci_{e}" for m in ("recall", "specificity", "balanced_accurac
 def render(results: GroupResults, figure_files: Mapping[str, str]) -> str:
     img = "".join(f'<figure><img src="{html.escape(p)}" alt="{html.escape(n)}"><figcaption>{html.escape(n)}'
                   f"</figcaption></figure>" for n, p in figure_files.items())
+    datasets = "; ".join(f"{name} = {folder}" for name, folder in results.datasets.items())
     parts = [f"<h1>bids_postop group report</h1><p>bids_postop {__version__}; datasets: "
-             f"{html.escape(str(results.datasets))}.</p><p>GTR/RT classification: "
+             f"{html.escape(datasets)}.</p><p>GTR/RT classification: "
              f"{html.escape(results.cutoff_rule)}</p>",
              "<h2>Cohort</h2>", _table(results.cohort, ["site", "n_sessions", "n_GTR", "n_RT", "configs",
                                                         "residual_volume_ml_median", "residual_volume_ml_mean",
