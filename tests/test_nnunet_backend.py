@@ -300,3 +300,145 @@ def test_compiled_engine_falls_back_to_torch_without_a_compiler(card_b, demo_fil
     assert "compiled could not run this nnU-Net network" in caplog.text and "C++ compiler" in caplog.text
     assert np.array_equal(fallback, expected)
     assert report["engine"] == "torch"
+
+
+# ------------------------------------------------------------------------------------------------
+# ensemble members (issue #20): folds, mirrored passes, none
+
+
+def _preprocessed(card, files, use_mirroring):
+    """The predictor (cached, as the backend builds it) and the preprocessed box tensor of ``files``."""
+    import torch
+
+    from bids_postop.segmentation import nnunet as N
+
+    folder = N.trained_model_folder(card)
+    folds = tuple(card.details["folds"])
+    predictor = N.build_predictor(folder, folds, "checkpoint_final.pth", "cpu", use_mirroring, 0.5)
+    arrays, view = N.reader_arrays(N.input_convention(card)[0], files)
+    box = N.nonzero_box(arrays)
+    data, _ = N._preprocess_for_inference(predictor, np.stack([a[box] for a in arrays]), list(view.spacing))
+    return predictor, torch.from_numpy(data)
+
+
+@pytest.mark.slow
+def test_fold_members_leave_the_ensemble_unchanged(two_fold_model, demo_files):
+    """Two folds: keeping each fold's logits does not change the ensemble (the same operations as nnU-Net's own
+    fold loop, bit for bit), and each member is what that fold gives alone (with its mirrored passes averaged, as
+    nnU-Net averages them inside a fold). The onnxruntime engine with members: the Segment node test below."""
+    from dataclasses import replace
+
+    from bids_postop.segmentation.nnunet import predict
+
+    card = two_fold_model
+    options = NnUNetOptions(device="cpu", engine="torch")
+    plain = predict_probability(card, demo_files, options=options)  # nnU-Net's predict_logits_from_preprocessed_data
+    kept = predict(card, demo_files, options=options, keep_members=True)
+    np.testing.assert_array_equal(kept.probability, plain)
+    assert kept.members.kind == "folds" and kept.members.names == ("fold_0", "fold_1")
+    members = list(kept.members)
+    assert np.abs(members[0] - members[1]).max() > 0.05  # the folds differ
+    for fold, member in zip((0, 1), members, strict=True):
+        alone = predict_probability(card, demo_files, options=replace(options, folds=(fold,)))
+        np.testing.assert_array_equal(member, alone, err_msg=f"fold {fold}")
+
+
+@pytest.mark.slow
+def test_mirrored_passes_are_the_members_of_a_single_fold(card_b, demo_files):
+    """One fold with test-time mirroring (the demo model mirrors left-right): the members are the unmirrored pass
+    and the mirrored pass flipped back. nnU-Net's own mirrored logits are unchanged, bit for bit; the members' mean
+    equals them within float16 accumulation; the unmirrored member is nnU-Net's prediction without mirroring, and
+    the mirrored member is the prediction of the flipped volume flipped back (a wrong flip would be far off)."""
+    import torch
+
+    from bids_postop.segmentation import nnunet_engines as E
+    from bids_postop.segmentation.nnunet import predict
+
+    options = NnUNetOptions(device="cpu", engine="torch")
+    plain = predict_probability(card_b, demo_files, options=options)
+    kept = predict(card_b, demo_files, options=options, keep_members=True)
+    np.testing.assert_array_equal(kept.probability, plain)
+    assert kept.members.kind == "mirrored passes" and kept.members.names == ("unmirrored", "mirrored axes 2")
+    unmirrored = predict_probability(card_b, demo_files, options=NnUNetOptions(device="cpu", engine="torch",
+                                                                               use_mirroring=False))
+    np.testing.assert_array_equal(next(iter(kept.members)), unmirrored)
+
+    predictor, data = _preprocessed(card_b, demo_files, True)
+    stock = predictor.predict_logits_from_preprocessed_data(data).float()
+    ensemble, members = E.predict_logits_and_members(predictor, data, 1, "torch", keep_members=True)
+    assert torch.equal(ensemble.float(), stock)
+    assert predictor.label_manager.num_segmentation_heads == 2  # the stand-in is gone
+    mean = torch.stack([m.float() for m in members.logits]).mean(0)
+    predictor.use_mirroring = False  # the cached predictor: put back below
+    try:
+        with torch.inference_mode():
+            alone = predictor.predict_sliding_window_return_logits(data).float()
+            flipped = torch.flip(predictor.predict_sliding_window_return_logits(torch.flip(data, [3])), [3]).float()
+    finally:
+        predictor.use_mirroring = True
+    assert torch.equal(members.logits[0].float(), alone)
+
+    def foreground(logits):  # the two-class softmax's foreground
+        return torch.sigmoid(logits[1] - logits[0])
+
+    # float16 sums of Gaussian-weighted tiles: where the weights are tiny (the padded corners) the logits differ
+    # by up to ~0.5, which the probabilities do not show
+    gap = float((foreground(mean) - foreground(stock)).abs().max())
+    flip_gap = float((foreground(members.logits[1].float()) - foreground(flipped)).abs().max())
+    passes_gap = float((foreground(members.logits[1].float()) - foreground(alone)).abs().max())
+    print(f"foreground probability: mean of passes vs nnU-Net {gap:.2e}; mirrored pass vs flipped run {flip_gap:.2e}; "
+          f"mirrored vs unmirrored pass {passes_gap:.2e}")
+    assert gap < 2e-3 and flip_gap < 2e-3
+    assert passes_gap > 0.05  # the passes really differ
+
+
+@pytest.mark.slow
+def test_one_fold_without_mirroring_has_no_members(card_b, demo_files):
+    from bids_postop.segmentation.nnunet import predict
+
+    kept = predict(card_b, demo_files, options=FAST, keep_members=True)
+    assert kept.members.kind == "none" and len(kept.members) == 0 and list(kept.members) == []
+    np.testing.assert_array_equal(kept.probability, predict_probability(card_b, demo_files, options=FAST))
+
+
+@pytest.mark.slow
+def test_segment_node_writes_the_uncertainty_map_and_summary(tmp_path, two_fold_model, demo_files):
+    """The Segment node: probability and run info as before; the member std map on the T1w-CE grid and the summary
+    JSON for two folds; no map and n/a values for one fold without mirroring (--fast)."""
+    import json
+
+    from nipype.interfaces.base import isdefined
+
+    from bids_postop.interfaces.core import Segment
+
+    card = two_fold_model
+    results = {}
+    for fast in (False, True):
+        node = Segment(model_folder=str(card.folder), device="cpu", threads=1, use_mirroring=False,
+                       first_fold_only=fast, postop_t1ce=str(demo_files[0]), postop_t1=str(demo_files[1]),
+                       threshold=card.threshold)
+        (tmp_path / str(fast)).mkdir()
+        results[fast] = node.run(cwd=str(tmp_path / str(fast))).outputs
+    reference = nib.load(demo_files[0])
+    full = results[False]
+    report: dict = {}
+    expected = predict_probability(card, demo_files, options=FAST, report=report)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(full.out_file).dataobj), expected)
+    assert set(json.loads(open(full.run_info).read())) == {*report, "device"}
+    uncertainty = nib.load(full.uncertainty)
+    assert uncertainty.shape == reference.shape and np.allclose(uncertainty.affine, reference.affine)
+    data = np.asanyarray(uncertainty.dataobj)
+    assert data.dtype == np.float32 and 0 <= data.min() and 0 < data.max() <= 0.5
+    summary = json.loads(open(full.uncertainty_json).read())
+    assert summary["members_kind"] == "folds" and summary["members_count"] == 2
+    assert summary["member_names"] == ["fold_0", "fold_1"] and len(summary["member_volumes_ml"]) == 2
+    assert summary["residual_volume_ml_min"] <= summary["residual_volume_ml_max"]
+    assert summary["threshold"] == card.threshold and isinstance(summary["review_flag"], bool)
+    assert summary["uncertainty_score"] > 0
+    print(json.dumps({k: summary[k] for k in ("member_volumes_ml", "rt_fraction_members", "uncertainty_score",
+                                              "review_flag", "reasons")}))
+    fast = results[True]
+    assert not isdefined(fast.uncertainty)
+    summary = json.loads(open(fast.uncertainty_json).read())
+    assert summary["members_kind"] == "none" and summary["review_flag"] is None
+    assert summary["residual_volume_ml_min"] is None and summary["rt_fraction_members"] is None

@@ -360,6 +360,30 @@ def test_fold_rule(tmp_path):
                                   p_first)
 
 
+def test_fold_members(tmp_path):
+    """Several folds run (folds_ensembling): each fold's probability is a member, exactly what that fold gives alone,
+    and the ensemble (average or maximum) is unchanged; one fold (the published default, or --fast) has none."""
+    from bids_postop.segmentation.backend import predict
+
+    scan = real_scan()
+    both = package(tmp_path / "both" / "MRI_GBM_Postop_FV_1p", folds=(1.0, -0.6))
+    first = package(tmp_path / "first" / "MRI_GBM_Postop_FV_1p", folds=(1.0,))
+    second = package(tmp_path / "second" / "MRI_GBM_Postop_FV_1p", folds=(-0.6,))
+    card = card_for_raidionics_folder(both)
+    alone = [R.predict_probability(card_for_raidionics_folder(f), [scan]) for f in (first, second)]
+    for strategy in ("average", "maximum"):
+        ensemble = dataclasses.replace(card, details={**card.details, "runtime": {
+            "folds_ensembling": True, "ensembling_strategy": strategy}})
+        kept = predict(ensemble, [scan], keep_members=True)
+        np.testing.assert_array_equal(kept.probability, R.predict_probability(ensemble, [scan]), err_msg=strategy)
+        assert kept.members.kind == "folds" and kept.members.names == ("fold0", "fold1")
+        for member, expected in zip(kept.members, alone, strict=True):
+            np.testing.assert_array_equal(member, expected)
+        fast = predict(ensemble, [scan], keep_members=True, first_fold_only=True)
+        assert fast.members.kind == "none" and len(fast.members) == 0
+    assert predict(card, [scan], keep_members=True).members.kind == "none"  # published default: first fold only
+
+
 def test_extract_brain_raidionics_writes_a_mask_on_the_input_grid(tmp_path):
     scan = real_scan()
     folder = tmp_path / "MRI_Brain"

@@ -143,15 +143,25 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     preop_t1ce = File(exists=True)
     preop_mask = File(exists=True)
     brain_mask = File(exists=True, desc="brain mask on the post-op T1w-CE grid (Raidionics cropping)")
+    # the ensemble's post-processing, applied to every member (bids_postop.core.uncertainty)
+    threshold = traits.Float(0.5, usedefault=True, desc="probability threshold (the model card's)")
+    min_component_voxels = traits.Int(20, usedefault=True)
+    gtr_cutoff_ml = traits.Float(0.175, usedefault=True)
+    gtr_inclusive = traits.Bool(False, usedefault=True)
 
 
 class _SegmentOutputSpec(TraitedSpec):
     out_file = File(exists=True)
     run_info = File(exists=True, desc="JSON: what the backend ran (folds, networks, mirroring, tile step)")
+    uncertainty = File(exists=True, desc="float32 map on the post-op T1w-CE grid: the members' standard deviation "
+                                         "of the foreground probability; undefined when there are no members")
+    uncertainty_json = File(exists=True, desc="JSON: members kind and count, member volumes and GTR/RT calls, "
+                                              "min/max, rt_fraction_members, score, review_flag and reasons")
 
 
 class Segment(SimpleInterface):
-    """Residual-tumour probability on the post-op T1w-CE grid, channels in the model's order."""
+    """Residual-tumour probability on the post-op T1w-CE grid, channels in the model's order, and the ensemble
+    members' uncertainty and review flag (:func:`bids_postop.core.uncertainty.assess_members`)."""
 
     input_spec = _SegmentInputSpec
     output_spec = _SegmentOutputSpec
@@ -160,29 +170,44 @@ class Segment(SimpleInterface):
         import nibabel as nib
 
         from bids_postop.core.images import write_like
-        from bids_postop.segmentation.backend import predict_probability
+        from bids_postop.core.uncertainty import assess_members
+        from bids_postop.segmentation.backend import predict, score_threshold
         from bids_postop.segmentation.models import resolve_models
 
         _set_threads(self.inputs.threads)
         [card] = resolve_models(self.inputs.model_folder)
+        limit = score_threshold(card)  # a bad card fails before the network runs
         channels = []
         for role in card.channels:
             value = getattr(self.inputs, role)
             if not isdefined(value):
                 raise ValueError(f"model {card.name} needs the {role} channel, which was not connected")
             channels.append(value)
-        probability = predict_probability(
+        prediction = predict(
             card, channels, brain_mask=self.inputs.brain_mask if isdefined(self.inputs.brain_mask) else None,
             device=resolve_device(self.inputs.device), threads=self.inputs.threads,
             use_mirroring=self.inputs.use_mirroring, trust_checkpoint=self.inputs.trust_checkpoint,
             first_fold_only=self.inputs.first_fold_only, precision=self.inputs.precision,
-            nnunet_engine=self.inputs.nnunet_engine, report=(report := {}))
+            nnunet_engine=self.inputs.nnunet_engine, keep_members=True, report=(report := {}))
         report.setdefault("device", resolve_device(self.inputs.device))  # what ran, for the report and methods
-        out = write_like(probability, nib.load(self.inputs.postop_t1ce), Path(runtime.cwd) / "probseg.nii.gz")
+        reference = nib.load(self.inputs.postop_t1ce)
+        out = write_like(prediction.probability, reference, Path(runtime.cwd) / "probseg.nii.gz")
         self._results["out_file"] = str(out)
         info = Path(runtime.cwd) / "segment.json"
         info.write_text(json.dumps(report, indent=2))
         self._results["run_info"] = str(info)
+        members = prediction.members
+        voxel_map, summary = assess_members(
+            members, prediction.probability, reference.affine, kind=members.kind, names=members.names,
+            threshold=self.inputs.threshold, min_component_voxels=self.inputs.min_component_voxels,
+            cutoff_ml=self.inputs.gtr_cutoff_ml, gtr_inclusive=self.inputs.gtr_inclusive,
+            score_threshold=limit)
+        if voxel_map is not None:
+            self._results["uncertainty"] = str(write_like(voxel_map, reference,
+                                                          Path(runtime.cwd) / "uncertainty.nii.gz"))
+        summary_file = Path(runtime.cwd) / "uncertainty.json"
+        summary_file.write_text(json.dumps(summary.to_dict(), indent=2))
+        self._results["uncertainty_json"] = str(summary_file)
         return runtime
 
 

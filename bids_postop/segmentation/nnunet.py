@@ -57,6 +57,7 @@ from nibabel import orientations as nio
 from bids_postop.core.images import load_3d, ras_voxel_sizes, same_grid
 from bids_postop.errors import InputDataError, ModelError
 from bids_postop.segmentation import nnunet_engines
+from bids_postop.segmentation.backend import NO_MEMBERS, Members, Prediction
 from bids_postop.segmentation.models import CARD_NAME, ModelCard
 
 LOG = logging.getLogger("bids_postop")
@@ -393,6 +394,19 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
     T1w-CE grid, after registration and skull stripping). ``report``, when given, receives what was run:
     folds, number of networks, test-time mirroring axes, tile step, cropped box.
     """
+    return predict(card, channel_files, options=options, report=report).probability
+
+
+def predict(card: ModelCard, channel_files: Sequence[str | Path], *, options: NnUNetOptions = NnUNetOptions(),
+            keep_members: bool = False, report: dict[str, Any] | None = None) -> Prediction:
+    """:func:`predict_probability` and, with ``keep_members``, the ensemble's members
+    (:class:`bids_postop.segmentation.backend.Members`): each fold when several run, else each mirrored pass when
+    test-time mirroring runs, else none. Members are kept as logits at the network's resolution (float16, what
+    nnU-Net accumulates) and each is brought to the first channel's grid on demand by the ensemble's own export
+    (nnU-Net's resampling of the logits, softmax, uncropping, the convention's voxel order). The ensemble
+    probability is the same with or without members (the fold loop's operations are nnU-Net's; mirrored passes
+    ride along as extra channels of nnU-Net's own sliding window).
+    """
     if len(channel_files) != len(card.channels):
         raise ModelError(f"model {card.name} takes {len(card.channels)} channels ({', '.join(card.channels)}); "
                          f"got {len(channel_files)} files")
@@ -428,18 +442,43 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
                       mirror_axes=list(predictor.allowed_mirroring_axes or ()) if predictor.use_mirroring else [],
                       tile_step_size=float(predictor.tile_step_size),
                       cropped_box=None if box is None else [[s.start, s.stop] for s in box])
+    keep_members = keep_members and nnunet_engines.members_kind(
+        len(predictor.list_of_parameters), bool(predictor.use_mirroring), predictor.allowed_mirroring_axes) != "none"
+    if box is None and keep_members:  # members come from the box path: the whole grid as the box (same result)
+        box = tuple(slice(0, n) for n in arrays[0].shape)
+    members = NO_MEMBERS
     if box is None:  # the stock path on the whole grid (also when every voxel is 0)
         _, probabilities = predictor.predict_single_npy_array(np.stack(arrays), {"spacing": spacing}, None, None,
                                                               True)
         foreground = np.asarray(probabilities[1], dtype=np.float32)
     else:
         foreground = np.zeros(arrays[0].shape, dtype=np.float32)
-        foreground[box], engine = _predict_box(predictor, np.stack([a[box] for a in arrays]), spacing,
-                                               options.threads, bf16=bf16, engine=engine)
+        foreground[box], engine, member_logits, export = _predict_box(
+            predictor, np.stack([a[box] for a in arrays]), spacing, options.threads, bf16=bf16, engine=engine,
+            keep_members=keep_members)
+        if member_logits.kind != "none":
+            members = _grid_members(member_logits, export, box, arrays[0].shape, view, folds)
     if report is not None:  # the engine that ran (onnxruntime may have fallen back to torch)
         report.update(engine=engine, precision="bf16" if bf16 and engine in ("torch", "compiled")
                       else "fp32" if predictor.device.type == "cpu" else "fp16 autocast (nnU-Net)")
-    return np.ascontiguousarray(view.to_stored(foreground), dtype=np.float32)
+    return Prediction(np.ascontiguousarray(view.to_stored(foreground), dtype=np.float32), members)
+
+
+def _grid_members(member_logits: nnunet_engines.MemberLogits, export: Any, box: tuple[slice, ...],
+                  shape: tuple[int, ...], view: ReaderView, folds: Sequence[int | str]) -> Members:
+    """Members whose probabilities are computed on demand: ``export`` (the ensemble's, for the box) of one member's
+    logits, pasted into the (reader-order) grid of ``shape`` at ``box`` and put in the stored voxel order."""
+
+    def probability(index: int) -> np.ndarray:
+        full = np.zeros(shape, dtype=np.float32)
+        full[box] = export(member_logits.logits[index].float())
+        return np.ascontiguousarray(view.to_stored(full), dtype=np.float32)
+
+    names = member_logits.names
+    if member_logits.kind == "folds":
+        names = tuple(f"fold_{fold}" for fold in folds)
+    kind = "folds" if member_logits.kind == "folds" else "mirrored passes"
+    return Members(kind, names, probability)
 
 
 def nonzero_box(arrays: Sequence[np.ndarray]) -> tuple[slice, ...] | None:
@@ -458,36 +497,50 @@ def nonzero_box(arrays: Sequence[np.ndarray]) -> tuple[slice, ...] | None:
 
 
 def _predict_box(predictor: Any, data: np.ndarray, spacing: list[float], threads: int | None, *,
-                 bf16: bool = False, engine: str = "torch") -> tuple[np.ndarray, str]:
+                 bf16: bool = False, engine: str = "torch", keep_members: bool = False
+                 ) -> tuple[np.ndarray, str, nnunet_engines.MemberLogits, Any]:
     """Foreground probability of a (C, z, y, x) box: nnU-Net's preprocessing, sliding window and resampling
-    back, i.e. ``predict_single_npy_array`` without its whole-grid work; and the engine that ran. ``engine``
-    "onnxruntime" or "compiled" answers the network calls with that engine's fold networks
-    (:mod:`bids_postop.segmentation.nnunet_engines`), falling back to torch if that fails."""
+    back, i.e. ``predict_single_npy_array`` without its whole-grid work; the engine that ran; the members' logits
+    (``keep_members``, :func:`nnunet_engines.predict_logits_and_members`) and the export that turns logits into the
+    box's foreground probability. ``engine`` "onnxruntime" or "compiled" answers the network calls with that
+    engine's fold networks (:mod:`bids_postop.segmentation.nnunet_engines`), falling back to torch if that fails."""
     import torch
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
     data, properties = _preprocess_for_inference(predictor, data, spacing)
     tensor = torch.from_numpy(data)
-    logits = None
+    logits, members = None, nnunet_engines.MemberLogits("none")
     if engine != "torch":
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and engine == "compiled"):
-                logits = nnunet_engines.predict_logits(predictor, tensor, threads or torch.get_num_threads(),
-                                                       engine).float()
+                logits, members = nnunet_engines.predict_logits_and_members(
+                    predictor, tensor, threads or torch.get_num_threads(), engine, keep_members=keep_members)
         except Exception as exc:  # torch.onnx / onnxruntime / inductor raise many types; torch gives the same result
             LOG.warning("%s could not run this nnU-Net network (%s: %s); running it with torch",
                         engine, type(exc).__name__, str(exc)[:500])
             engine = "torch"
     if logits is None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # bf16: CPU only (caller)
-            logits = predictor.predict_logits_from_preprocessed_data(tensor).cpu().float()
+            if keep_members:
+                logits, members = nnunet_engines.predict_logits_and_members(
+                    predictor, tensor, threads or torch.get_num_threads(), "torch", keep_members=True)
+            else:  # nnU-Net's own fold loop
+                logits = predictor.predict_logits_from_preprocessed_data(tensor)
+    logits = logits.cpu().float()
     del data, tensor
-    if _lean_export_applies(predictor, logits):
-        return _foreground_probability(predictor, logits, properties), engine
-    _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
-        logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, properties,
-        return_probabilities=True, num_threads_torch=threads or torch.get_num_threads())
-    return np.asarray(probabilities[1], dtype=np.float32), engine
+
+    def export(box_logits: Any) -> np.ndarray:
+        if _lean_export_applies(predictor, box_logits):
+            return _foreground_probability(predictor, box_logits, properties)
+        from nnunetv2.inference.export_prediction import (
+            convert_predicted_logits_to_segmentation_with_correct_shape,
+        )
+
+        _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+            box_logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
+            properties, return_probabilities=True, num_threads_torch=threads or torch.get_num_threads())
+        return np.asarray(probabilities[1], dtype=np.float32)
+
+    return export(logits), engine, members, export
 
 
 def _preprocess_for_inference(predictor: Any, data: np.ndarray, spacing: list[float]) -> tuple[np.ndarray, dict]:

@@ -28,14 +28,18 @@ The network classes are those ``plans.json`` may name (installed packages only, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import itertools
 import logging
 import os
 import shutil
 import time
 import warnings
 import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -204,19 +208,137 @@ def predict_logits(predictor: Any, data: Any, threads: int, engine: str = "onnxr
 
     ``data`` is the preprocessed (C, z, y, x) tensor. The predictor's torch network is put back afterwards.
     """
+    return predict_logits_and_members(predictor, data, threads, engine)[0]
+
+
+@dataclass
+class MemberLogits:
+    """The ensemble's members at the network's resolution: each member's logits, (heads, z, y, x) tensors on the
+    CPU in the dtype nnU-Net accumulates them in (float16), one per fold (``"folds"``) or per mirrored pass of a
+    single fold (``"mirrored passes"``); none for ``"none"``."""
+
+    kind: str
+    names: tuple[str, ...] = ()
+    logits: list[Any] = field(default_factory=list)
+
+
+def members_kind(n_networks: int, use_mirroring: bool, mirror_axes: Any) -> str:
+    """``"folds"`` when several fold networks run, ``"mirrored passes"`` for one network with test-time mirroring,
+    else ``"none"``."""
+    if n_networks > 1:
+        return "folds"
+    return "mirrored passes" if use_mirroring and mirror_axes else "none"
+
+
+def mirror_combinations(mirror_axes: Any) -> list[tuple[int, ...]]:
+    """nnU-Net's mirrored passes, in its order: every non-empty combination of the mirror axes (spatial axes of
+    the (C, z, y, x) data; ``_internal_maybe_mirror_and_predict``)."""
+    axes = [int(a) for a in mirror_axes]
+    return [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+
+
+class _Heads:
+    """Stands in for the predictor's label manager during one sliding window: the same, with more output channels
+    (the sliding window allocates ``num_segmentation_heads`` channels)."""
+
+    def __init__(self, label_manager: Any, heads: int):
+        self._label_manager = label_manager
+        self.num_segmentation_heads = heads
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._label_manager, name)
+
+
+@contextlib.contextmanager
+def _mirrored_passes_as_channels(predictor: Any) -> Iterator[tuple[int, list[tuple[int, ...]]]]:
+    """During nnU-Net's sliding window, every tile returns the mean of its mirrored passes (nnU-Net's own
+    ``_internal_maybe_mirror_and_predict``, the same operations in the same order) *followed by* each pass flipped
+    back, as extra channels: the window's Gaussian weighting and accumulation then give nnU-Net's mirrored logits in
+    the first ``heads`` channels, bit for bit, and each pass's own logits after them, with no extra network call.
+    Yields ``heads`` and the mirror combinations (spatial axes)."""
+    import torch
+
+    heads = int(predictor.label_manager.num_segmentation_heads)
+    combinations = mirror_combinations(predictor.allowed_mirroring_axes)
+    n_passes = len(combinations) + 1
+
+    def maybe_mirror_and_predict(x: Any) -> Any:
+        assert max(max(c) for c in combinations) <= x.ndim - 3, "mirror_axes does not match the dimension of the input"
+        passes = [predictor.network(x)]
+        passes += [torch.flip(predictor.network(torch.flip(x, [a + 2 for a in c])), [a + 2 for a in c])
+                   for c in combinations]
+        mean = passes[0].clone()
+        for one in passes[1:]:
+            mean += one
+        mean /= n_passes
+        return torch.cat([mean, *passes], dim=1)
+
+    label_manager = predictor.label_manager
+    predictor._internal_maybe_mirror_and_predict = maybe_mirror_and_predict  # instance attribute: shadows the method
+    predictor.label_manager = _Heads(label_manager, heads * (1 + n_passes))
+    try:
+        yield heads, combinations
+    finally:
+        del predictor._internal_maybe_mirror_and_predict
+        predictor.label_manager = label_manager
+
+
+def predict_logits_and_members(predictor: Any, data: Any, threads: int, engine: str = "onnxruntime", *,
+                               keep_members: bool = False) -> tuple[Any, MemberLogits]:
+    """nnU-Net's fold loop (each fold's sliding window, their sum, divided by the number of folds: the operations of
+    ``predict_logits_from_preprocessed_data``) with ``engine``'s fold networks (``"torch"``: the predictor's own
+    network, weights loaded per fold, nnU-Net's thread cap), and, with ``keep_members``, the members' logits.
+
+    Each fold's logits are computed once: with several folds each fold's (mirrored-averaged) logits are kept as a
+    member; one fold with test-time mirroring keeps each mirrored pass (:func:`_mirrored_passes_as_channels`). The
+    ensemble logits are the same with or without members. ``data`` is the preprocessed (C, z, y, x) tensor; the
+    predictor's network is put back afterwards.
+    """
+    import torch
+
     network = predictor.network
     n_channels = int(data.shape[0])
+    n_networks = len(predictor.list_of_parameters)
+    kind = members_kind(n_networks, bool(predictor.use_mirroring), predictor.allowed_mirroring_axes) \
+        if keep_members else "none"
+    members = MemberLogits(kind)
+    threads_before = torch.get_num_threads()
+    if engine == "torch":
+        from nnunetv2.configuration import default_num_processes
+
+        torch.set_num_threads(min(default_num_processes, threads_before))
     prediction = None
     try:
-        for index in range(len(predictor.list_of_parameters)):
-            start = time.perf_counter()
-            # replaces (for onnxruntime: frees) the last fold's
-            predictor.network = fold_network(predictor, network, index, n_channels, engine, threads)
-            logits = predictor.predict_sliding_window_return_logits(data).to("cpu")
-            LOG.debug("fold %d (%s): %.1f s", index, engine, time.perf_counter() - start)
-            prediction = logits if prediction is None else prediction + logits
+        with torch.inference_mode():
+            for index in range(n_networks):
+                start = time.perf_counter()
+                if engine == "torch":
+                    getattr(network, "_orig_mod", network).load_state_dict(predictor.list_of_parameters[index])
+                else:  # replaces (for onnxruntime: frees) the last fold's
+                    predictor.network = fold_network(predictor, network, index, n_channels, engine, threads)
+                if kind == "mirrored passes":
+                    with _mirrored_passes_as_channels(predictor) as (heads, combinations):
+                        stacked = predictor.predict_sliding_window_return_logits(data).to("cpu")
+                    logits = stacked[:heads]
+                    members.logits.extend(stacked[heads * (k + 1):heads * (k + 2)]
+                                          for k in range(len(combinations) + 1))
+                    members.names = ("unmirrored", *(f"mirrored axes {'+'.join(map(str, c))}"
+                                                     for c in combinations))
+                else:
+                    logits = predictor.predict_sliding_window_return_logits(data).to("cpu")
+                if kind == "folds":
+                    members.logits.append(logits)
+                    logits = logits.clone()  # the sum below is in place
+                LOG.debug("fold %d (%s): %.1f s", index, engine, time.perf_counter() - start)
+                if prediction is None:
+                    prediction = logits
+                else:
+                    prediction += logits
+            if n_networks > 1:
+                prediction /= n_networks
     finally:
         predictor.network = network
-    if len(predictor.list_of_parameters) > 1:
-        prediction /= len(predictor.list_of_parameters)
-    return prediction
+        torch.set_num_threads(threads_before)
+    if kind == "folds":
+        members.names = tuple(f"fold_{index}" for index in range(n_networks))
+    return prediction, members

@@ -68,6 +68,7 @@ from scipy import ndimage as ndi
 
 from bids_postop.core.images import load_3d, same_grid
 from bids_postop.errors import InputDataError, ModelError
+from bids_postop.segmentation.backend import NO_MEMBERS, Members, Prediction
 from bids_postop.segmentation.models import ModelCard
 from bids_postop.segmentation.raidionics_model import (
     INI_NAME,
@@ -88,8 +89,8 @@ OFFICIAL_LIBRARY = "raidionicsseg 1.5.2"  # the library whose result this backen
 Bbox = tuple[int, int, int, int, int, int]  # (x0, y0, z0, x1, y1, z1), end exclusive
 Grid = tuple[tuple[int, int, int], np.ndarray]  # shape and affine
 
-__all__ = ["OFFICIAL_LIBRARY", "Prepared", "preprocess", "predict_probability", "read_preprocessing_ini",
-           "run_folds", "to_network_grid", "to_reference_grid"]
+__all__ = ["OFFICIAL_LIBRARY", "Prepared", "fuse_folds", "predict", "predict_probability", "preprocess",
+           "read_preprocessing_ini", "run_folds", "to_network_grid", "to_reference_grid"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -491,7 +492,13 @@ def run_folds(model_paths: Sequence[Path], data: np.ndarray, config: RaidionicsC
     """Class probabilities (x, y, z, classes) of the given model files fused by ``strategy`` (``average`` or
     ``maximum``). Which fold files to run is the caller's choice (:func:`fold_files`)."""
     runtime = runtime or RuntimeOptions()
-    outputs = [run_network(p, data, config, runtime=runtime, device=device, threads=threads) for p in model_paths]
+    return fuse_folds([run_network(p, data, config, runtime=runtime, device=device, threads=threads)
+                       for p in model_paths], strategy)
+
+
+def fuse_folds(outputs: Sequence[np.ndarray], strategy: str = "average") -> np.ndarray:
+    """The folds' class probabilities (x, y, z, classes) fused by ``strategy`` (``average`` or ``maximum``), as
+    raidionicsseg fuses them; one fold's as they are."""
     if not outputs:
         raise ModelError("no model file to run")
     if len(outputs) == 1:
@@ -547,7 +554,17 @@ def _load_mask(brain_mask: str | Path | None, reference: nib.Nifti1Image, refere
 def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *, brain_mask: Path | None = None,
                         device: str = "cpu", threads: int = 1, max_folds: int | None = None,
                         report: dict[str, Any] | None = None) -> np.ndarray:
-    """Residual-tumour probability, float32, exactly on the first channel's grid (its shape and voxel order).
+    """Residual-tumour probability, float32, exactly on the first channel's grid (its shape and voxel order):
+    :func:`predict`'s probability."""
+    return predict(card, channel_files, brain_mask=brain_mask, device=device, threads=threads, max_folds=max_folds,
+                   report=report).probability
+
+
+def predict(card: ModelCard, channel_files: Sequence[str | Path], *, brain_mask: Path | None = None,
+            device: str = "cpu", threads: int = 1, max_folds: int | None = None, keep_members: bool = False,
+            report: dict[str, Any] | None = None) -> Prediction:
+    """Residual-tumour probability, float32, exactly on the first channel's grid (its shape and voxel order), and
+    with ``keep_members`` the ensemble's members (:class:`bids_postop.segmentation.backend.Members`).
 
     ``channel_files`` are NIfTI files in the order of ``card.channels`` (post-op T1w-CE first), all on one grid;
     they are given to the network in its own order (:func:`network_channel_order`: the package's
@@ -555,6 +572,11 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
     Folds and thresholding order follow the card's runtime options (published folders: raidionicsseg's defaults,
     the first fold only; models trained here: every fold averaged); ``max_folds`` caps the folds run
     (``--fast``). ``report`` (a dict) receives what was run.
+
+    Members (``keep_members``): each fold's probability when several folds run (kind ``"folds"``; the foreground
+    class kept at the network's resolution, brought back by the ensemble's reconstruction on demand; for
+    ``resample_second`` models each member is its own thresholded 0/1 map, as the ensemble is); Raidionics runs no
+    test-time augmentation, so one fold has none (``"none"``). The ensemble is the same with or without members.
     """
     if len(channel_files) != len(card.channels):
         raise ModelError(f"model {card.name} takes {len(card.channels)} channels ({', '.join(card.channels)}); "
@@ -580,7 +602,18 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
                       channel_order_source=source,
                       label_channels=[r for r, lab in zip(order, prepared.label_channels, strict=True) if lab],
                       **runtime.as_dict())
-    probabilities = run_folds(paths, prepared.data, config, runtime=runtime, strategy=runtime.ensembling_strategy,
-                              device=device, threads=threads)
+    outputs = [run_network(p, prepared.data, config, runtime=runtime, device=device, threads=threads)
+               for p in paths]
     foreground = int(card.details.get("foreground_class", config.foreground_class))
-    return reconstruct(probabilities, prepared, foreground, runtime=runtime, threshold=card.threshold)
+    members = NO_MEMBERS
+    if keep_members and len(outputs) > 1:
+        kept = [np.ascontiguousarray(out[..., foreground:foreground + 1]) for out in outputs]
+
+        def member(index: int) -> np.ndarray:
+            return reconstruct(kept[index], prepared, 0, runtime=runtime, threshold=card.threshold)
+
+        members = Members("folds", tuple(p.parent.name if p.parent != folder else p.stem for p in paths), member)
+    probabilities = fuse_folds(outputs, runtime.ensembling_strategy)
+    del outputs
+    return Prediction(reconstruct(probabilities, prepared, foreground, runtime=runtime, threshold=card.threshold),
+                      members)

@@ -1,0 +1,256 @@
+"""Per-patient uncertainty from a model's ensemble members, and a flag that says when to review the GTR/RT call.
+
+*Members* are what the model already computes on the way to its probability map (see
+:mod:`bids_postop.segmentation.backend`):
+
+- ``"folds"``: each fold network's foreground probability, when several folds run (nnU-Net: each fold's
+  logits, mirrored passes included, as nnU-Net averages them; Raidionics: each fold's probability);
+- ``"mirrored passes"``: a single fold run with test-time mirroring: each mirrored pass (the unmirrored one and
+  one per combination of mirrored axes), flipped back;
+- ``"none"``: one fold without test-time augmentation: nothing varies, every measure here is ``None`` (n/a).
+
+Each member's foreground probability, on the post-op T1w-CE grid, goes through the ensemble's own
+post-processing (:mod:`bids_postop.core.postprocess`: threshold, removal of components under
+``min_component_voxels``, volume as voxel count × |det(affine)|, GTR/RT at the cut-off). From these:
+
+``member_volumes_ml``, ``member_calls``
+    each member's residual volume (ml) and GTR/RT call;
+``residual_volume_ml_min``, ``residual_volume_ml_max``
+    the smallest and largest member volume;
+``rt_fraction_members``
+    the share of members that call RT (0 = all GTR, 1 = all RT);
+``volume_interval_ml``
+    [min, max] over the members *and* the ensemble's own volume (the one reported as the patient's residual);
+voxel uncertainty map
+    the members' standard deviation (population, ``ddof=0``) of the foreground probability, voxel by voxel, in
+    probability units, 0 … 0.5 (0 where the members agree; 0.5 where half say 0 and half say 1). Chosen over
+    entropy because it is in the map's own units, is 0 exactly where the members agree, and does not react to the
+    ensemble's own confidence in a voxel, only to disagreement;
+``uncertainty_score``
+    **the mean of that standard deviation over the union of the members' residual masks** (the voxels that at
+    least one member reports as residual after post-processing); 0.0 when no member reports any residual. It asks
+    "how much do the members disagree about the voxels that make up the residual?". A residual that every member
+    sees has a core where all members give ≈ 1, so only its rim contributes and the score stays low; a doubtful
+    finding (faint or vessel-like enhancement, a region only some members report) is disagreement throughout and
+    scores high. Small residuals, near the GTR cut-off where a wrong call is most likely, have proportionally more
+    rim and score higher than large ones: the bias points the right way. It cannot see a residual that every member
+    misses (a confident false GTR). The score is a voxel average, independent of the residual's size and of the
+    voxel size.
+
+The **review flag** is ``True`` when any of these rules fires (``rules`` says which, ``reasons`` in words):
+
+1. ``members_disagree``: the members do not all make the same GTR/RT call;
+2. ``interval_crosses_cutoff``: ``volume_interval_ml`` lies on both sides of the cut-off (with the members
+   alone this is rule 1; the interval adds the ensemble's own volume, so it also fires when the members agree
+   with each other but the reported call differs from theirs);
+3. ``score_above_threshold``: ``uncertainty_score`` exceeds ``score_threshold``, a value chosen on validation
+   folds and stated in the model card (``"uncertainty": {"score_threshold": ...}``). Without it the rule is not
+   applied (``None``) and ``reasons`` says so: only rules 1 and 2 decide.
+
+With members of kind ``"none"`` the flag itself is ``None`` (n/a): nothing can be compared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from bids_postop.core.postprocess import (
+    GTR_CUTOFF_ML,
+    MIN_COMPONENT_VOXELS,
+    Grid,
+    ResectionStatus,
+    binarize,
+    classify_resection,
+    remove_small_components,
+    volume_ml,
+)
+
+MemberKind = Literal["folds", "mirrored passes", "none"]
+MEMBER_KINDS: tuple[MemberKind, ...] = ("folds", "mirrored passes", "none")
+SCORE_DEFINITION = ("mean, over the union of the members' residual masks, of the members' standard deviation of "
+                    "the foreground probability (0 when no member reports a residual)")
+MAP_DEFINITION = "members' standard deviation (ddof=0) of the foreground probability, voxel by voxel (0-0.5)"
+CARD_SECTION = "uncertainty"  # model card: {"uncertainty": {"score_threshold": <float>}}
+
+
+@dataclass(frozen=True)
+class MemberUncertainty:
+    """One patient's member-based uncertainty and review flag (see the module docstring for every definition).
+
+    Values that need members (volumes, calls, min/max, interval, ``rt_fraction_members``, ``uncertainty_score``,
+    ``review_flag``) are ``None`` when ``members_kind`` is ``"none"``. Volumes in ml.
+    """
+
+    members_kind: MemberKind
+    members_count: int
+    member_names: tuple[str, ...]
+    ensemble_volume_ml: float
+    ensemble_call: ResectionStatus
+    member_volumes_ml: tuple[float, ...] | None
+    member_calls: tuple[ResectionStatus, ...] | None
+    residual_volume_ml_min: float | None
+    residual_volume_ml_max: float | None
+    volume_interval_ml: tuple[float, float] | None
+    rt_fraction_members: float | None
+    uncertainty_score: float | None
+    score_threshold: float | None
+    review_flag: bool | None
+    rules: dict[str, bool | None]
+    reasons: tuple[str, ...]
+    threshold: float
+    min_component_voxels: int
+    gtr_cutoff_ml: float
+    gtr_inclusive: bool
+    score_definition: str = SCORE_DEFINITION
+    map_definition: str = MAP_DEFINITION
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples as lists, ``None`` for n/a)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+
+def _residual(probability: np.ndarray, grid: Grid, *, threshold: float, min_component_voxels: int
+              ) -> tuple[np.ndarray, float]:
+    """The ensemble's post-processing (:func:`bids_postop.core.postprocess.postprocess_probability`'s steps):
+    boolean residual mask and its volume in ml."""
+    mask = remove_small_components(binarize(probability, threshold), min_voxels=min_component_voxels)
+    return mask, volume_ml(mask, grid)
+
+
+def check_score_threshold(value: Any, *, where: str = "score_threshold") -> float | None:
+    """``None`` or a finite number ≥ 0 (as float); anything else raises ``ValueError`` naming ``where``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where} must be a finite number >= 0 (a member standard deviation, 0-0.5); got {value!r}")
+    return float(value)
+
+
+def assess_members(members: Iterable[np.ndarray], probability: np.ndarray, grid: Grid, *, kind: MemberKind,
+                   threshold: float, min_component_voxels: int = MIN_COMPONENT_VOXELS,
+                   cutoff_ml: float = GTR_CUTOFF_ML, gtr_inclusive: bool = False,
+                   score_threshold: float | None = None, names: Sequence[str] | None = None,
+                   ) -> tuple[np.ndarray | None, MemberUncertainty]:
+    """Member volumes and calls, the voxel uncertainty map, the score and the review flag.
+
+    Parameters
+    ----------
+    members
+        Each member's foreground probability, float (x, y, z) arrays on the grid of ``probability``; read one at a
+        time (a generator that computes each member on demand keeps one member in memory). Empty for kind
+        ``"none"``, at least two otherwise.
+    probability
+        The ensemble's probability (what the patient's residual mask is made from), same shape.
+    grid
+        The grid's affine (or voxel volume in mm³; :func:`bids_postop.core.postprocess.volume_ml`).
+    kind
+        ``"folds"``, ``"mirrored passes"`` or ``"none"`` (:data:`MEMBER_KINDS`).
+    threshold, min_component_voxels, cutoff_ml, gtr_inclusive
+        The ensemble's post-processing and GTR rule, applied to every member unchanged.
+    score_threshold
+        Flag when ``uncertainty_score`` exceeds it; ``None``: that rule is not applied.
+    names
+        The members' names (``fold_0``, …); default ``member_0``, ….
+
+    Returns
+    -------
+    The voxel uncertainty map (float32, shape of ``probability``; ``None`` for kind ``"none"``) and the
+    :class:`MemberUncertainty`.
+    """
+    if kind not in MEMBER_KINDS:
+        raise ValueError(f"members kind must be one of {MEMBER_KINDS}; got {kind!r}")
+    score_threshold = check_score_threshold(score_threshold)
+    probability = np.asarray(probability)
+    ensemble_mask, ensemble_ml = _residual(probability, grid, threshold=threshold,
+                                           min_component_voxels=min_component_voxels)
+    del ensemble_mask
+    ensemble_call = classify_resection(ensemble_ml, cutoff_ml=cutoff_ml, gtr_inclusive=gtr_inclusive)
+    common: dict[str, Any] = dict(ensemble_volume_ml=ensemble_ml, ensemble_call=ensemble_call,
+                                  score_threshold=score_threshold, threshold=float(threshold),
+                                  min_component_voxels=int(min_component_voxels), gtr_cutoff_ml=float(cutoff_ml),
+                                  gtr_inclusive=bool(gtr_inclusive))
+
+    volumes: list[float] = []
+    union = np.zeros(probability.shape, dtype=bool)
+    mean = np.zeros(probability.shape, dtype=np.float32)
+    m2 = np.zeros(probability.shape, dtype=np.float32)
+    for count, member in enumerate(members, start=1):
+        if kind == "none":
+            raise ValueError("members of kind 'none' must be empty (one fold without test-time augmentation)")
+        member = np.asarray(member, dtype=np.float32)
+        if member.shape != probability.shape:
+            raise ValueError(f"member {count - 1} has shape {member.shape}; the probability map has "
+                             f"{probability.shape}")
+        mask, ml = _residual(member, grid, threshold=threshold, min_component_voxels=min_component_voxels)
+        volumes.append(ml)
+        union |= mask
+        del mask
+        # Welford's running mean and sum of squared deviations (float32, stable where members agree: exactly 0)
+        delta = member - mean
+        mean += delta / np.float32(count)
+        delta *= member - mean
+        m2 += delta
+        del delta, member
+    n = len(volumes)
+    member_names = tuple(names) if names is not None else tuple(f"member_{i}" for i in range(n))
+    if len(member_names) != n:
+        raise ValueError(f"{len(member_names)} member names for {n} members")
+    if kind == "none":
+        return None, MemberUncertainty(
+            members_kind="none", members_count=0, member_names=(), member_volumes_ml=None, member_calls=None,
+            residual_volume_ml_min=None, residual_volume_ml_max=None, volume_interval_ml=None,
+            rt_fraction_members=None, uncertainty_score=None, review_flag=None,
+            rules={"members_disagree": None, "interval_crosses_cutoff": None, "score_above_threshold": None},
+            reasons=("no ensemble members (one fold without test-time augmentation): nothing varies, uncertainty "
+                     "not assessed (n/a)",), **common)
+    if n < 2:
+        raise ValueError(f"members of kind {kind!r} need at least 2 members; got {n}")
+    del mean
+    np.divide(m2, np.float32(n), out=m2)
+    np.maximum(m2, 0, out=m2)
+    std = np.sqrt(m2, out=m2)
+    score = float(std[union].mean()) if union.any() else 0.0
+
+    def call(ml: float) -> ResectionStatus:
+        return classify_resection(ml, cutoff_ml=cutoff_ml, gtr_inclusive=gtr_inclusive)
+
+    calls = tuple(call(ml) for ml in volumes)
+    n_rt = sum(c == "RT" for c in calls)
+    low, high = min(*volumes, ensemble_ml), max(*volumes, ensemble_ml)
+    rule = "<=" if gtr_inclusive else "<"
+    disagree = len(set(calls)) > 1
+    crosses = call(low) != call(high)
+    above = None if score_threshold is None else score > score_threshold
+    reasons = []
+    if disagree:
+        reasons.append(f"members disagree on GTR/RT: {n_rt} of {n} call RT (GTR if residual {rule} {cutoff_ml} ml)")
+    if crosses:
+        reasons.append(f"volume interval {low:.3f}-{high:.3f} ml (members and ensemble) crosses the GTR cut-off "
+                       f"{cutoff_ml} ml" + ("" if disagree else
+                                             f"; the members agree ({calls[0]}) but the ensemble calls "
+                                             f"{ensemble_call}"))
+    if above:
+        reasons.append(f"uncertainty score {score:.4f} exceeds the threshold {score_threshold}")
+    notes = (("mirrored passes share one network's weights: their spread measures the prediction's sensitivity to "
+              "mirroring, not the disagreement of independently trained folds, and is usually smaller",)
+             if kind == "mirrored passes" else ())
+    if score_threshold is None:
+        reasons.append(f"no score threshold ({CARD_SECTION}.score_threshold in the model card): the score rule is "
+                       "not applied, only member agreement and the volume interval decide")
+    return std, MemberUncertainty(
+        members_kind=kind, members_count=n, member_names=member_names, member_volumes_ml=tuple(volumes),
+        member_calls=calls, residual_volume_ml_min=min(volumes), residual_volume_ml_max=max(volumes),
+        volume_interval_ml=(low, high), rt_fraction_members=n_rt / n, uncertainty_score=score,
+        review_flag=bool(disagree or crosses or above),
+        rules={"members_disagree": disagree, "interval_crosses_cutoff": crosses, "score_above_threshold": above},
+        reasons=tuple(reasons), notes=notes, **common)
