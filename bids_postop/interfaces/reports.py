@@ -37,17 +37,18 @@ class ReportFigures(SimpleInterface):
 
         cwd = Path(runtime.cwd)
         i = self.inputs
-        made = {
-            "mosaic": fig.residual_mosaic(i.t1ce, i.residual_mask, i.probseg, i.brain_mask, cwd / "mosaic.png"),
-            "brainmask": fig.brain_mask_figure(i.t1ce, i.brain_mask, cwd / "brainmask.png"),
-        }
-        for role in REGISTERED:
-            moving = getattr(i, role)
-            if isdefined(moving):
-                made[f"registration_{role}"] = fig.registration_check(
-                    i.t1ce, moving, cwd / f"registration_{role}.svg", brain_mask=i.brain_mask)
-        if isdefined(i.preop_t1ce) and isdefined(i.preop_mask):
-            made["preopmask"] = fig.preop_mask_figure(i.preop_t1ce, i.preop_mask, cwd / "preopmask.png")
+        with fig.shared_loading():  # the T1w-CE and the brain mask are read once for all the figures
+            made = {
+                "mosaic": fig.residual_mosaic(i.t1ce, i.residual_mask, i.probseg, i.brain_mask, cwd / "mosaic.png"),
+                "brainmask": fig.brain_mask_figure(i.t1ce, i.brain_mask, cwd / "brainmask.png"),
+            }
+            for role in REGISTERED:
+                moving = getattr(i, role)
+                if isdefined(moving):
+                    made[f"registration_{role}"] = fig.registration_check(
+                        i.t1ce, moving, cwd / f"registration_{role}.svg", brain_mask=i.brain_mask)
+            if isdefined(i.preop_t1ce) and isdefined(i.preop_mask):
+                made["preopmask"] = fig.preop_mask_figure(i.preop_t1ce, i.preop_mask, cwd / "preopmask.png")
         self._results["figures"] = {k: str(v) for k, v in made.items()}
         return runtime
 
