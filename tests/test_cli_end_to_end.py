@@ -100,3 +100,31 @@ def test_derivatives_pass_the_bids_validator(demo_run):
     issues = json.loads(proc.stdout)["issues"]["issues"]
     errors = [i for i in issues if i["severity"] == "error"]
     assert not errors, errors[:5]
+
+
+def test_members_rano_and_methods_reach_every_output(demo_run):
+    """The demo models have one fold and left-right mirroring: their two mirrored passes are the members; the
+    spread map, the review flag, the RANO class and the bidimensional measures reach the TSV, the JSON, the
+    BIDS derivatives and the report; the methods describe what ran."""
+    root, out, _, _ = demo_run
+    for sub in ("01", "04"):
+        [measures] = (out / f"sub-{sub}" / "ses-postop").glob("*_measures.json")
+        data = json.loads(measures.read_text())
+        spread = data["uncertainty"]
+        assert spread["members_kind"] == "mirrored passes" and spread["members_count"] == 2
+        assert isinstance(spread["review_flag"], bool) and 0 <= spread["rt_fraction_members"] <= 1
+        assert spread["residual_volume_ml_min"] <= spread["residual_volume_ml_max"]
+        uncertainty = nib.load(out / data["outputs"]["uncertainty_map"])
+        t1ce = nib.load(next((root / f"sub-{sub}" / "ses-postop" / "anat").glob("*_ce-*_T1w.nii.gz")))
+        assert uncertainty.shape == t1ce.shape and np.allclose(uncertainty.affine, t1ce.affine)
+        values = np.asanyarray(uncertainty.dataobj)
+        assert values.min() >= 0 and values.max() <= 0.5
+        assert data["measures"]["rano_resect_class"] in ("1", "2A", "1/2A", "2B", "3A", "3B", "4", "n/a")
+        rows = list(csv.DictReader(measures.with_suffix(".tsv").open(), delimiter="\t"))
+        assert rows[0]["review_flag"] in ("true", "false") and rows[0]["rano_resect_class"] != ""
+        assert rows[0]["measurable_lesions"].isdigit()
+        report = (out / f"sub-{sub}.html").read_text()
+        assert 'id="review-flag"' in report and 'id="rano-table"' in report and 'id="methods-text"' in report
+    methods = (out / "logs" / "CITATION.md").read_text()
+    assert "nnU-Net v2" in methods and "with mirroring test-time augmentation" in methods
+    assert "@article{bids_postop:study" in (out / "logs" / "CITATION.bib").read_text()

@@ -92,6 +92,7 @@ class SessionOutputs:
     brain_mask: Path
     measures_tsv: Path
     measures_json: Path
+    uncertainty_map: Path  # written only when the model has members (folds or mirrored passes)
 
     @classmethod
     def for_source(cls, output_dir: Path, source_t1ce: Path, subject: str, session: str | None, *,
@@ -109,6 +110,7 @@ class SessionOutputs:
             brain_mask=anat / f"{prefix}_desc-brain_mask.nii.gz",
             measures_tsv=session_dir / f"{session_prefix}_desc-{model_label}_measures.tsv",
             measures_json=session_dir / f"{session_prefix}_desc-{model_label}_measures.json",
+            uncertainty_map=anat / f"{prefix}_label-tumor_desc-{model_label}Uncertainty_probseg.nii.gz",
         )
 
     def all_files(self) -> tuple[Path, ...]:
@@ -301,6 +303,8 @@ def write_session_outputs(
     configuration: str,
     extra_provenance: Mapping[str, Any] | None = None,
     derivatives: Mapping[str, Path] | None = None,
+    uncertainty: Mapping[str, Any] | None = None,
+    uncertainty_map: Path | None = None,
 ) -> SessionOutputs:
     """Copy one session's results into place with sidecars and the measures TSV/JSON.
 
@@ -336,16 +340,34 @@ def write_session_outputs(
         "ResidualVolume_ml": measures["residual_volume_ml"], "ResectionStatus": measures["resection_status"],
         "PreopVolume_ml": measures["preop_volume_ml"], "ExtentOfResection_percent": measures["eor_percent"],
         "NotForClinicalUse": not_clinical})
+    relative = outputs.relative(output_dir)
+    if uncertainty_map is not None:
+        atomic_copy(uncertainty_map, outputs.uncertainty_map)
+        atomic_write_json(sidecar(outputs.uncertainty_map), {
+            **common, "Sources": [bids_uri(outputs.residual_probseg, output_dir, dataset="")],
+            "Description": "Uncertainty of the residual tumour probability: "
+                           + str((uncertainty or {}).get("map_definition", "the model members' spread")),
+            "MembersKind": (uncertainty or {}).get("members_kind"),
+            "MembersCount": (uncertainty or {}).get("members_count"),
+            "Model": model_info, "NotForClinicalUse": not_clinical})
+        relative["uncertainty_map"] = outputs.uncertainty_map.relative_to(output_dir).as_posix()
+    else:  # this run had no members (e.g. --fast): an earlier run's map would describe another prediction
+        outputs.uncertainty_map.unlink(missing_ok=True)
+        sidecar(outputs.uncertainty_map).unlink(missing_ok=True)
+    spread = dict(uncertainty or {})
     inclusive = measures.get("gtr_inclusive", "<=" in str(measures.get("gtr_rule", "")))
     row = {"participant_id": f"sub-{subject}", "session_id": f"ses-{session}" if session else None,
            "site": site, "config": configuration, "model": model.get("name"), **measures,
-           "gtr_inclusive": bool(inclusive), "not_for_clinical_use": not_clinical}
+           "gtr_inclusive": bool(inclusive), "not_for_clinical_use": not_clinical,
+           **{key: spread.get(key) for key in ("review_flag", "rt_fraction_members", "residual_volume_ml_min",
+                                               "residual_volume_ml_max")}}
     atomic_write_text(outputs.measures_tsv, summary_row(row))
     atomic_write_json(outputs.measures_json, {
         "participant_id": row["participant_id"], "session_id": row["session_id"], "site": site,
         "configuration": configuration, "model": model_info, "not_for_clinical_use": not_clinical,
         "measures": dict(measures),
-        "outputs": outputs.relative(output_dir),
+        "uncertainty": spread or None,
+        "outputs": relative,
         "sources": {role: bids_uri(p, bids_dir, derivatives=derivatives) for role, p in sources.items()},
         "provenance": dict(extra_provenance or {}),
         # one description per column of the measures TSV (its column dictionary), and of the other keys

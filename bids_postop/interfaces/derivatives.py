@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 
 class _SinkInputSpec(BaseInterfaceInputSpec):
@@ -23,6 +23,8 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     probseg = File(exists=True, mandatory=True)
     brain_mask = File(exists=True, mandatory=True)
     measures = File(exists=True, mandatory=True)
+    uncertainty = File(exists=True, desc="members' spread map on the T1w-CE grid (absent without members)")
+    uncertainty_json = File(exists=True, desc="the members' uncertainty and review flag (core.uncertainty)")
     segmentation_run = File(exists=True, desc="segment.json: what the backend ran (engine after any fallback, "
                                               "precision, folds, mirroring, tile step)")
 
@@ -49,15 +51,16 @@ class DerivativesSink(SimpleInterface):
             brain_mask=Path(self.inputs.brain_mask), measures=json.loads(Path(self.inputs.measures).read_text()),
             model=self.inputs.model, configuration=self.inputs.configuration,
             extra_provenance=self._provenance(),
-            derivatives={k: Path(v) for k, v in (self.inputs.derivatives or {}).items()})
+            derivatives={k: Path(v) for k, v in (self.inputs.derivatives or {}).items()},
+            uncertainty=json.loads(Path(self.inputs.uncertainty_json).read_text())
+            if isdefined(self.inputs.uncertainty_json) else None,
+            uncertainty_map=Path(self.inputs.uncertainty) if isdefined(self.inputs.uncertainty) else None)
         self._results["out_files"] = [str(p) for p in outputs.all_files()]
         return runtime
 
     def _provenance(self) -> dict | None:
         """The run's provenance, with what the segmentation backend actually ran (``provenance.preset`` says
         what was asked: an engine that failed fell back to torch)."""
-        from nipype.interfaces.base import isdefined
-
         provenance = dict(self.inputs.provenance or {})
         if isdefined(self.inputs.segmentation_run):
             provenance["segmentation"] = json.loads(Path(self.inputs.segmentation_run).read_text())

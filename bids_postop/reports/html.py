@@ -237,6 +237,7 @@ def _summary(data: Mapping[str, Any], context: Mapping[str, Any]) -> str:
                                    f'({_e(m.get("residual_voxels", "?"))} voxels)'),
         ("Resection status", f'<b class="status-{_e(status)}">{_e(status)}</b> '
                              f'<span class="muted">({_e(m.get("gtr_rule", ""))}, else RT)</span>'),
+        ("Review flag", _review(data.get("uncertainty") or {})),
         ("Pre-op tumour volume", _num(m.get("preop_volume_ml"), 3, " ml",
                                       missing="not known (no pre-operative tumour mask)")),
         ("Extent of resection", _num(m.get("eor_percent"), 2, " %", missing="not known (no pre-operative volume)")),
@@ -284,6 +285,24 @@ def _value_html(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     return _e(value)
+
+
+def _review(spread: Mapping[str, Any]) -> str:
+    """The members' verdict: whether to double-check this call, and why."""
+    if not spread or spread.get("review_flag") is None:
+        kind = spread.get("members_kind") if spread else None
+        return ('<span class="muted" id="review-flag">n/a: the model has no members here (one fold without '
+                f'test-time augmentation){"" if kind in (None, "none") else f", {_e(kind)}"}</span>')
+    flag = bool(spread["review_flag"])
+    reasons = "; ".join(str(r) for r in spread.get("reasons") or ())
+    low, high = spread.get("residual_volume_ml_min"), spread.get("residual_volume_ml_max")
+    rt = spread.get("rt_fraction_members")
+    detail = (f'{_e(spread.get("members_count"))} {_e(spread.get("members_kind"))}: RT in '
+              f'{_num(None if rt is None else 100 * float(rt), 0, " %")} of them, residual '
+              f'{_num(low, 3)}–{_num(high, 3, " ml")}')
+    verdict = ('<b class="status-RT" id="review-flag">REVIEW: check this call</b>' if flag
+               else '<span id="review-flag">no review needed</span>')
+    return f'{verdict} <span class="muted">({detail}{"; " + _e(reasons) if reasons else ""})</span>'
 
 
 def _residual_shape(data: Mapping[str, Any], figures: Mapping[str, str]) -> str:

@@ -75,7 +75,9 @@ def init_participant_wf(
     segment = pe.Node(Segment(model_folder=str(card.folder), model_digest=model.digest, device=device,
                               threads=omp_nthreads,
                               use_mirroring=use_mirroring, trust_checkpoint=trust_checkpoint,
-                              first_fold_only=fast, precision=precision, nnunet_engine=nnunet_engine),
+                              first_fold_only=fast, precision=precision, nnunet_engine=nnunet_engine,
+                              threshold=card.threshold, min_component_voxels=min_component_voxels,
+                              gtr_cutoff_ml=gtr_cutoff_ml, gtr_inclusive=gtr_inclusive),
                       name="segment", mem_gb=4, n_procs=omp_nthreads)
     # Published Raidionics models get what the official pipeline feeds them: the registered scans, not skull-stripped
     # (their pre_processing.ini crops with the brain mask where it says so); other models get the skull-stripped
@@ -106,7 +108,8 @@ def init_participant_wf(
         run_without_submitting=True)
     workflow.connect([
         (segment, postprocess, [("out_file", "probseg")]),
-        (segment, ds_outputs, [("out_file", "probseg"), ("run_info", "segmentation_run")]),
+        (segment, ds_outputs, [("out_file", "probseg"), ("run_info", "segmentation_run"),
+                               ("uncertainty", "uncertainty"), ("uncertainty_json", "uncertainty_json")]),
         (postprocess, ds_outputs, [("residual_mask", "residual_mask"), ("measures", "measures")]),
         (channels_wf, ds_outputs, [("outputnode.brain_mask", "brain_mask")]),
     ])
