@@ -344,7 +344,8 @@ def test_two_models_into_one_output_keep_both(real_run):
 # --- group level: each participant's own cut-off; several models in one output -------------------------------
 
 def _participant_outputs(out: Path, bids: Path, label: str, *, model: str, residual_ml_voxels: int, cutoff: float,
-                         truth: Path | None = None) -> None:
+                         truth: Path | None = None, truth_voxels: int | None = None,
+                         uncertainty: dict | None = None) -> None:
     """One session's derivatives as the participant level writes them (write_session_outputs), residual
     ``residual_ml_voxels`` voxels of 1 mm3 in a 30^3 grid, classified with ``cutoff``."""
     from bids_postop.bids.derivatives import write_dataset_description, write_session_outputs
@@ -366,10 +367,14 @@ def _participant_outputs(out: Path, bids: Path, label: str, *, model: str, resid
         brain_mask=write_nifti(work / "brain.nii.gz", np.ones((30, 30, 30), np.uint8), affine),
         measures=measures.as_dict(), configuration="A",
         model={"name": model, "architecture": "nnunet", "configuration": "A", "threshold": 0.5,
-               "derivatives_desc": model.replace("-", ""), "not_for_clinical_use": True})
+               "derivatives_desc": model.replace("-", ""), "not_for_clinical_use": True}, uncertainty=uncertainty)
     if truth is not None:
+        reference = mask
+        if truth_voxels is not None:
+            reference = np.zeros_like(mask)
+            reference.reshape(-1)[:truth_voxels] = 1
         write_nifti(truth / f"sub-{label}" / "ses-postop" / "anat" / f"sub-{label}_ses-postop_label-tumor_mask.nii.gz",
-                    mask, affine)
+                    reference, affine)
 
 
 def test_group_level_uses_each_participants_cut_off_and_flags_mixed_settings(tmp_path):
@@ -413,3 +418,35 @@ def test_two_models_in_one_output_are_each_evaluated_against_the_truth(tmp_path)
     assert {s for s, _ in dice} == {"main:goodA", "main:badA"}, dice
     assert all(float(dice[("main:goodA", p)]) == 1.0 for p in ("sub-01", "sub-02"))
     assert all(float(dice[("main:badA", p)]) == pytest.approx(2 * 300 / 1800) for p in ("sub-01", "sub-02"))
+
+
+def test_group_level_measures_whether_the_review_flag_finds_the_wrong_calls(tmp_path):
+    """review.tsv: error rates among flagged and unflagged patients, and the AUROC of the uncertainty score for a
+    wrong call or Dice < 0.5, against a recomputation by hand (every pair of bad and good patients)."""
+    bids, out, manual = tmp_path / "bids", tmp_path / "bids" / "derivatives" / "bids_postop", tmp_path / "manual"
+    make_bids(bids, {})
+    manual.mkdir()
+    (manual / "dataset_description.json").write_text(json.dumps(
+        {"Name": "truth", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}))
+    # (predicted voxels, true voxels, flag, score): 1 ml = 1000 voxels; cut-off 0.175 ml = 175 voxels
+    cases = {"01": (1000, 1000, False, 0.01), "02": (1000, 100, True, 0.30),   # wrong call (RT vs GTR), flagged
+             "03": (100, 1000, False, 0.20),                                    # wrong call, not flagged
+             "04": (1000, 3000, True, 0.25),                                    # right call, Dice 0.5 -> not bad
+             "05": (600, 3000, False, 0.05), "06": (0, 0, False, 0.0)}          # Dice 0.33 (bad); both empty
+    for label, (pred, true, flag, score) in cases.items():
+        _participant_outputs(out, bids, label, model="m-A", residual_ml_voxels=pred, cutoff=0.175, truth=manual,
+                             truth_voxels=true, uncertainty={"members_kind": "folds", "members_count": 3,
+                                                             "review_flag": flag, "uncertainty_score": score})
+    assert main([str(bids), str(out), "group", "-d", f"manual={manual}"]) == 0
+    rows = [r.split("\t") for r in (out / "group" / "review.tsv").read_text().splitlines()]
+    row = dict(zip(rows[0], rows[1], strict=True))
+    bad = {"02": True, "03": True, "05": True, "01": False, "04": False, "06": False}
+    flagged = [k for k, c in cases.items() if c[2]]
+    unflagged = [k for k in cases if k not in flagged]
+    assert (int(row["n_flagged"]), int(row["n_unflagged"]), int(row["n_bad"])) == (2, 4, 3)
+    assert float(row["bad_rate_flagged"]) == pytest.approx(sum(bad[k] for k in flagged) / 2)
+    assert float(row["bad_rate_unflagged"]) == pytest.approx(sum(bad[k] for k in unflagged) / 4)
+    assert float(row["wrong_call_rate_flagged"]) == pytest.approx(0.5)
+    pairs = [(cases[b][3], cases[g][3]) for b in bad if bad[b] for g in bad if not bad[g]]
+    by_hand = sum(1.0 if sb > sg else 0.5 if sb == sg else 0.0 for sb, sg in pairs) / len(pairs)
+    assert float(row["auroc_score_bad"]) == pytest.approx(by_hand)

@@ -71,6 +71,7 @@ class Prediction:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     measures: Mapping[str, Any] = field(default_factory=dict)  # the measures JSON's "measures"
     card_training: Mapping[str, Any] = field(default_factory=dict)  # the model card's "training" (if readable)
+    uncertainty: Mapping[str, Any] = field(default_factory=dict)  # the measures JSON's "uncertainty" (members)
 
     @property
     def participant_id(self) -> str:
@@ -215,7 +216,7 @@ def collect_predictions(dataset: Path, name: str, bids_dir: Path, *, notes: list
             cards[model_name] = _card_training(model)
         out.append(Prediction(source=source, key=key, row=row, mask=mask, dataset=name, model=model,
                               provenance=dict(data.get("provenance") or {}), measures=dict(data.get("measures") or {}),
-                              card_training=cards[model_name]))
+                              card_training=cards[model_name], uncertainty=dict(data.get("uncertainty") or {})))
     return out
 
 

@@ -78,6 +78,22 @@ def _distribution(prefix: str, what: str, units: str) -> dict[str, dict]:
              "q1": "first quartile", "median": "median", "q3": "third quartile", "max": "maximum"}.items()}
 
 
+def review() -> dict[str, dict]:
+    """group/review.tsv: whether the participant level's review flag picks out the wrong calls (issue #20)."""
+    bad = "a wrong GTR/RT call, or Dice < 0.5 on a reference-positive patient"
+    return {"source": d("Compared model (dataset or dataset:model)"),
+            "n_evaluated": d("Patients evaluated against the reference"),
+            "n_flag_known": d("Patients with a review flag (n/a when the model had no members)"),
+            "n_flagged": d("Patients flagged for review"), "n_unflagged": d("Patients not flagged"),
+            "wrong_call_rate_flagged": d("Share of flagged patients whose GTR/RT call is wrong"),
+            "wrong_call_rate_unflagged": d("Share of unflagged patients whose GTR/RT call is wrong"),
+            "bad_rate_flagged": d(f"Share of flagged patients with {bad}"),
+            "bad_rate_unflagged": d(f"Share of unflagged patients with {bad}"),
+            "n_bad": d(f"Patients with {bad}"), "n_scored": d("Patients with an uncertainty score"),
+            "auroc_score_bad": d(f"AUROC of the uncertainty score for {bad} (0.5: no separation)"),
+            "auroc_reason": d("Why the AUROC is n/a")}
+
+
 def cohort() -> dict[str, dict]:
     return {"site": d("Hospital; 'all' for the whole cohort, 'unknown' when not recorded"),
             "n_sessions": d("Number of sessions"), "n_GTR": d("Sessions classified GTR by the participant level"),
@@ -122,6 +138,9 @@ def patients(cutoff_statement: str) -> dict[str, dict]:
             "FP": "reference negative, prediction positive",
             "FN": "reference positive and prediction negative, or both positive with Dice < 0.01"}),
         "in_P": d("Reference positive (group P)"),
+        "review_flag": d("The participant level's review flag (the model's members disagree); n/a without members"),
+        "uncertainty_score": d("The participant level's uncertainty score (docs/uncertainty.md)"),
+        "members_kind": d("What the members were: folds, mirrored passes or none"),
     }
 
 

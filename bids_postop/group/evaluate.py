@@ -164,7 +164,10 @@ def evaluate_session(key: Key, predictions: Mapping[str, Prediction], annotation
             "true_status": classify_resection(m.true_volume_ml, **kw),
             "predicted_status": classify_resection(m.predicted_volume_ml, **kw),
             "outcome": patient_outcome(m.true_volume_ml, m.predicted_volume_ml, dice, **kw),
-            "in_P": is_positive(m.true_volume_ml, **kw)})
+            "in_P": is_positive(m.true_volume_ml, **kw),
+            "review_flag": p.uncertainty.get("review_flag"),
+            "uncertainty_score": p.uncertainty.get("uncertainty_score"),
+            "members_kind": p.uncertainty.get("members_kind")})
     if len(arrays) >= 2:
         rows, pool = score_patient(arrays, preds, reference=reference if reference in arrays else None)
         positive = (is_positive(volume_ml(truth, grid.affine), cutoff_ml=cutoff_ml, gtr_inclusive=gtr_inclusive)

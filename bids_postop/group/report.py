@@ -32,6 +32,7 @@ class GroupResults:
     raters: list[dict] = field(default_factory=list)
     raters_summary: list[dict] = field(default_factory=list)
     tests: list[dict] = field(default_factory=list)
+    review: list[dict] = field(default_factory=list)  # does the review flag pick out wrong calls (issue #20)
     paper_segmentation: list[dict] = field(default_factory=list)
     paper_classification: list[dict] = field(default_factory=list)
     units: list = field(default_factory=list)  # bids_postop.group.paper.ModelUnit
@@ -261,7 +262,8 @@ def render(results: GroupResults, figure_files: Mapping[str, str]) -> str:
              f"{html.escape(results.cutoff_rule)}</p>",
              "<h2>Cohort</h2>", _table(results.cohort, ["site", "n_sessions", "n_GTR", "n_RT", "configs",
                                                         "residual_volume_ml_median", "residual_volume_ml_mean",
-                                                        "preop_volume_ml_median", "eor_percent_median"]), img]
+                                                        "preop_volume_ml_median", "eor_percent_median",
+                                                        "rano_classes", "n_review_flagged"]), img]
     if results.patients:
         parts += ["<h2>Validation against manual annotations</h2>",
                   f"<p>Reference annotation: <b>{html.escape(str(results.reference))}</b>. "
@@ -279,8 +281,14 @@ def render(results: GroupResults, figure_files: Mapping[str, str]) -> str:
                       _table(results.pooled, ["source", "metric", "n_folds", "pooled_mean", "pooled_sd", "fold_mean",
                                               "fold_sd", "normal_ci_low", "normal_ci_high"])]
         if results.raters_summary:
-            parts += ["<h2>Inter-rater study</h2>", f"<p>Rater groups: {html.escape(str(results.rater_groups))}</p>",
+            groups = ", ".join(f"{rater}: {group}" for rater, group in results.rater_groups.items())
+            parts += ["<h2>Inter-rater study</h2>", f"<p>Rater groups: {html.escape(groups)}</p>",
                       _table(results.raters_summary, list(dd.raters_summary()))]
+        if results.review:
+            parts += ["<h2>Review flag against the truth</h2><p>Does the participant level's review flag (the model's "
+                      "members disagree) pick out the patients whose call is wrong? Error rates among flagged and "
+                      "unflagged patients, and the AUROC of the uncertainty score for a wrong call or Dice &lt; "
+                      "0.5.</p>", _table(results.review, list(dd.review()))]
         parts += ["<h2>Statistical tests</h2><p>Scoped as the paper (origin 'paper'); paired tests for repeated "
                   "measures on the same patients are additions (origin 'addition').</p>",
                   _table(results.tests, list(dd.tests())),

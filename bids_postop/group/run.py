@@ -34,6 +34,7 @@ from bids_postop.evaluation.interrater import (
     resolve_reference,
     summarize,
 )
+from bids_postop.evaluation.review import review_rows
 from bids_postop.group import dictionaries as dd
 from bids_postop.group import paper
 from bids_postop.group.collect import (
@@ -256,6 +257,9 @@ def _validate(results: GroupResults, group_dir: Path, predictions: Mapping[str, 
         tests += compare_models_with_raters(scored, groups, reference=reference, positive_only=not interrater_all)
         written += write_table(group_dir / "raters.tsv", results.raters, dd.raters())
         written += write_table(group_dir / "raters_summary.tsv", results.raters_summary, dd.raters_summary())
+    results.review = review_rows(results.patients)
+    if any(r["n_flag_known"] or r["n_scored"] for r in results.review):
+        written += write_table(group_dir / "review.tsv", results.review, dd.review())
     results.tests = [t.as_dict() for t in tests]
     written += write_table(group_dir / "tests.tsv", results.tests, dd.tests())
     n_err = sum(r["status"] != "ok" for r in results.patients)
