@@ -1,6 +1,6 @@
 """Build study-size models with random weights, for timing (run by hand, not in CI).
 
-    python benchmarks/make_study_models.py --out /tmp/study_models [--folds 5] [--quick] [--agunet]
+    python benchmarks/make_study_models.py --out /tmp/study_models [--folds 5] [--quick] [--agunet] [--agunet-config E]
 
 Writes, under ``--out``:
 
@@ -20,7 +20,8 @@ Writes, under ``--out``:
     spacing ([2.0, 1.0, 1.0]) and halves the patch ([40, 96, 64]): the same number of tiles per brain,
     each about 8× cheaper — for validating the benchmark scripts, not for the recorded numbers.
 
-``agunet_B/MRI_GBM_Postop_FV_2p/`` (with ``--agunet``)
+``agunet_B/MRI_GBM_Postop_FV_2p/`` (with ``--agunet``; ``agunet_E/MRI_GBM_Postop_FV_5p/`` with ``--agunet-config E``:
+    the same network with configuration E's five input channels)
     a Raidionics-format full-volume model: ``model.onnx`` (input ``input``, 1×128×128×144×2,
     channels_last, softmax output of the same layout) and ``pre_processing.ini`` (1 mm, brain_clip,
     new_axial_size 128, 128, 144). The network is an AGU-Net-sized 3-D U-Net written in torch: 5 levels
@@ -220,7 +221,7 @@ background_cropping = brain_clip
 intensity_clipping_range = 0.0, 99.5
 normalization_method = zeromean
 new_axial_size = 128, 128, 144
-number_inputs = 2
+number_inputs = {n_inputs}
 channels_order = channels_last
 [Training]
 nb_classes = 2
@@ -232,20 +233,26 @@ activation_layer_type = softmax
 """
 
 
-def build_agunet_model(out: Path, *, seed: int = 0) -> Path:
+def build_agunet_model(out: Path, *, seed: int = 0, configuration: str = "B") -> Path:
+    """The AGU-Net-size Raidionics folder of ``configuration`` (its channels: B = 2, E = 5; the folder name
+    ``MRI_GBM_Postop_FV_<n>p`` tells bids_postop the configuration, as for the published models)."""
     import torch
 
-    folder = out / "agunet_B" / "MRI_GBM_Postop_FV_2p"
+    from bids_postop.configurations import CONFIGURATIONS
+
+    n_inputs = len(CONFIGURATIONS[configuration])
+    number = "ABCDE".index(configuration) + 1
+    folder = out / f"agunet_{configuration}" / f"MRI_GBM_Postop_FV_{number}p"
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    net = _agunet_class()(2).eval()
+    net = _agunet_class()(n_inputs).eval()
     with torch.no_grad():
         net.heads[-1].bias.copy_(torch.tensor([1.5, -1.5]))
     n_params = sum(p.numel() for p in net.parameters())
-    (folder / "pre_processing.ini").write_text(AGUNET_INI)
+    (folder / "pre_processing.ini").write_text(AGUNET_INI.format(n_inputs=n_inputs))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros((1, *AGUNET_INPUT, 2)),), str(folder / "model.onnx"),
+        torch.onnx.export(net, (torch.zeros((1, *AGUNET_INPUT, n_inputs)),), str(folder / "model.onnx"),
                           input_names=["input"], output_names=["output"], dynamo=False, opset_version=17)
     (folder / "PARAMETERS.txt").write_text(f"{n_params} parameters, random weights (timing only)\n")
     return folder
@@ -257,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="coarser spacing and half patch (script checks)")
     parser.add_argument("--agunet", action="store_true", help="also build the AGU-Net-size ONNX model")
+    parser.add_argument("--agunet-config", default="B", choices=["B", "E"], help="its configuration (default B)")
     parser.add_argument("--no-nnunet", action="store_true")
     args = parser.parse_args(argv)
     if not args.no_nnunet:
@@ -264,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         card = json.loads((folder / "bids_postop_model.json").read_text())
         print(f"nnU-Net model: {folder} ({args.folds} folds, {card['parameters'] / 1e6:.1f} M parameters)")
     if args.agunet:
-        folder = build_agunet_model(args.out)
+        folder = build_agunet_model(args.out, configuration=args.agunet_config)
         print(f"AGU-Net-size model: {folder} ({(folder / 'PARAMETERS.txt').read_text().strip()})")
     return 0
 

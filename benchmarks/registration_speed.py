@@ -10,7 +10,9 @@ Fixed image: the case's T1w-CE (benchmarks/study_cases.py, a real head with skul
 and the recovery error (mm) of the estimated transform at 5000 brain voxels (mean, 95th percentile, max).
 
 Variants: ``default`` (the whole field of view, as the pipeline ran before issue #9), ``brainmask`` (the
-metric restricted to the post-op brain mask, ``fixed_mask``), ``nofull`` (no full-resolution iterations).
+metric restricted to the post-op brain mask, ``fixed_mask``), ``nofull`` (no full-resolution iterations) — these
+three on the images' own grids (``FULL_RESOLUTION``, the pipeline before issue 18) — and ``adopted`` (brain mask,
+``DEFAULT_SETTINGS``: ~2 mm copies cut to the brain box; see registration_accuracy.py for more settings and cases).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--case", default="study", choices=sorted(CASES))
     parser.add_argument("--variants", nargs="+", default=["default", "brainmask"],
-                        choices=["default", "brainmask", "nofull"])
+                        choices=["default", "brainmask", "nofull", "adopted"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
@@ -96,15 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for variant in args.variants:
         prefix = workdir / f"{args.case}_{variant}_"
+        mask = str(files["brain_mask"]) if variant in ("brainmask", "adopted") else None
         code = textwrap.dedent(f"""
             import os
             os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "{args.threads}"
             from bids_postop.core import registration as R
             if {variant!r} == "nofull":
                 R.FINE_VOXEL_MM = 1e9
+            settings = R.DEFAULT_SETTINGS if {variant!r} == "adopted" else R.FULL_RESOLUTION
             result = R.register({str(files['t1ce'])!r}, {str(moving)!r}, kind="rigid", out_prefix={str(prefix)!r},
-                                threads={args.threads},
-                                fixed_mask={str(files['brain_mask']) if variant == 'brainmask' else None!r})
+                                threads={args.threads}, settings=settings,
+                                fixed_mask={mask!r})
             print("TRANSFORM", result.transforms[0])
         """)
         load = machine()["load_average"]

@@ -29,7 +29,7 @@ CASES: dict[str, tuple[tuple[int, int, int], tuple[float, float, float]]] = {
 }
 SOURCE_CASE = "tcga-fg-6692/native"
 SOURCE_FILES = {"t1ce": "TCGA-FG-6692_t1c.nii.gz", "t1": "TCGA-FG-6692_t1.nii.gz",
-                "brain_mask": "TCGA-FG-6692_t1c_brainmask_hdbet.nii.gz"}
+                "brain_mask": "TCGA-FG-6692_t1c_brainmask_hdbet.nii.gz", "flair": "TCGA-FG-6692_flair.nii.gz"}
 
 
 def real_data_dir() -> Path:
@@ -69,18 +69,21 @@ def resample(source: nib.Nifti1Image, shape, affine: np.ndarray, *, order: int) 
 
 
 def make_case(name: str, out_dir: Path, *, seed: int = 0) -> dict[str, Path]:
-    """Write ``t1ce.nii.gz``, ``t1.nii.gz`` (int16, with skull) and ``brain_mask.nii.gz`` of case ``name``;
-    reuse them when present."""
+    """Write ``t1ce.nii.gz``, ``t1.nii.gz``, ``flair.nii.gz`` (int16, with skull) and ``brain_mask.nii.gz`` of case
+    ``name``; reuse them when present (the FLAIR series keeps its own position too)."""
     shape, spacing = CASES[name]
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {key: out_dir / f"{key}.nii.gz" for key in ("t1ce", "t1", "brain_mask")}
+    keys = ("t1ce", "t1", "brain_mask", "flair")
+    files = {key: out_dir / f"{key}.nii.gz" for key in keys}
     if all(f.is_file() for f in files.values()) and nib.load(files["t1ce"]).shape == shape:
         return files
     src = real_data_dir()
     reference = nib.load(src / SOURCE_FILES["t1ce"])
     affine = target_affine(reference, shape, spacing)
     rng = np.random.default_rng(seed)
-    for key in ("t1ce", "t1", "brain_mask"):
+    for key in keys:
+        if files[key].is_file() and nib.load(files[key]).shape == shape:
+            continue
         img = nib.load(src / SOURCE_FILES[key])
         is_mask = key == "brain_mask"
         data = resample(img, shape, affine, order=0 if is_mask else 1)
@@ -96,17 +99,133 @@ def make_case(name: str, out_dir: Path, *, seed: int = 0) -> dict[str, Path]:
     return files
 
 
-def write_bids(case: str, files: dict[str, Path], bids: Path) -> str:
-    """A one-participant BIDS dataset (configuration B inputs) holding the case; returns the label."""
+def write_bids(case: str, files: dict[str, Path], bids: Path, *, preop: dict[str, Path] | None = None) -> str:
+    """A one-participant BIDS dataset holding the case; returns the label. Configuration B inputs (post-op T1w-CE
+    and T1w), and with ``preop`` (:func:`make_preop`) configuration E's: the FLAIR, the pre-op T1w-CE and the pre-op
+    tumour mask in ``derivatives/preop_masks`` (give it with ``-d preop=<bids>/derivatives/preop_masks``)."""
     label = case
     anat = bids / f"sub-{label}" / "ses-postop" / "anat"
     anat.mkdir(parents=True, exist_ok=True)
     (bids / "dataset_description.json").write_text(json.dumps({"Name": "speed benchmark", "BIDSVersion": "1.10.0"}))
-    for key, name in (("t1ce", "ce-gadolinium_T1w"), ("t1", "T1w")):
-        dest = anat / f"sub-{label}_ses-postop_{name}.nii.gz"
+    links = [(anat / f"sub-{label}_ses-postop_{name}.nii.gz", files[key])
+             for key, name in (("t1ce", "ce-gadolinium_T1w"), ("t1", "T1w"))]
+    if preop is not None:
+        pre_anat = bids / f"sub-{label}" / "ses-preop" / "anat"
+        masks = bids / "derivatives" / "preop_masks"
+        (masks / f"sub-{label}" / "ses-preop" / "anat").mkdir(parents=True, exist_ok=True)
+        pre_anat.mkdir(parents=True, exist_ok=True)
+        (masks / "dataset_description.json").write_text(json.dumps({
+            "Name": "pre-op tumour masks", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "benchmarks/study_cases.py"}]}))
+        links += [(anat / f"sub-{label}_ses-postop_FLAIR.nii.gz", files["flair"]),
+                  (pre_anat / f"sub-{label}_ses-preop_ce-gadolinium_T1w.nii.gz", preop["preop_t1ce"]),
+                  (masks / f"sub-{label}" / "ses-preop" / "anat" / f"sub-{label}_ses-preop_label-tumor_mask.nii.gz",
+                   preop["preop_mask"])]
+    for dest, source in links:
         if not dest.exists():
-            dest.symlink_to(files[key].resolve())
+            dest.symlink_to(source.resolve())
     return label
+
+
+def rigid_matrix(angles_deg, shift_mm, *, centre) -> np.ndarray:
+    """4×4 RAS rigid motion: rotations about x, y then z (degrees) about ``centre`` (mm), then a shift (mm)."""
+    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=float))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    rot = rz @ ry @ rx
+    centre = np.asarray(centre, dtype=float)
+    out = np.eye(4)
+    out[:3, :3] = rot
+    out[:3, 3] = centre - rot @ centre + np.asarray(shift_mm, dtype=float)
+    return out
+
+
+def warp_field(*, seed: int, rms_mm: float, centre, terms: int = 4):
+    """A smooth random displacement field d(x) (RAS mm → mm): per component, ``terms`` sinusoids of random direction,
+    phase and wavelength 50–110 mm, scaled to ``rms_mm`` root-mean-square length (|d| at most ~2.9× that, |∇d| ≤ 0.4:
+    invertible). Returns a function of points (…, 3) giving displacements (…, 3), float32."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(3, terms, 3))
+    directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
+    waves = directions * (2 * np.pi / rng.uniform(50.0, 110.0, size=(3, terms, 1)))
+    phases = rng.uniform(0, 2 * np.pi, size=(3, terms))
+    amplitude = rms_mm / np.sqrt(1.5 * terms)  # E|d|^2 = 3 components x terms x a^2 / 2
+    centre = np.asarray(centre, dtype=np.float32)
+
+    def field(points: np.ndarray) -> np.ndarray:
+        x = np.asarray(points, dtype=np.float32) - centre
+        out = np.empty(x.shape, dtype=np.float32)
+        for c in range(3):
+            out[..., c] = amplitude * np.sin(x @ waves[c].T.astype(np.float32) + phases[c].astype(np.float32)).sum(-1)
+        return out
+
+    return field
+
+
+PREOP_MOTION = ((3.0, -4.0, 5.0), (4.0, -6.0, 3.0))
+PREOP_WARP = {"seed": 11, "rms_mm": 2.0}
+PREOP_TUMOUR = {"offset_mm": (25.0, 8.0, 6.0), "radii_mm": (20.0, 15.0, 14.0)}
+
+
+def make_preop(name: str, out_dir: Path, *, seed: int = 5) -> dict[str, Path]:
+    """A pre-operative session for case ``name``: the real T1w-CE head through a known rigid motion and a known
+    smooth warp (:func:`warp_field`), resampled onto a grid of the same size and spacing (trilinear, 1 % noise
+    floor), and a pre-op tumour mask: an ellipsoid (radii 20×15×14 mm, ~17.6 ml) in the anatomy, 25 mm right of the
+    brain's centre, carried by the same warp. Also writes the truth: the ellipsoid on the post-op grid
+    (``truth_mask``) and the transform (``truth.json``: the fixed→moving map is ``w⁻¹``, ``w(y) = z + d(z)``,
+    ``z = M⁻¹ y``). Reuses the files when present."""
+    shape, spacing = CASES[name]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {key: out_dir / f"{key}.nii.gz" for key in ("preop_t1ce", "preop_mask", "truth_mask")}
+    files["truth"] = out_dir / "preop_truth.json"
+    if all(f.is_file() for f in files.values()):
+        return files
+    post = make_case(name, out_dir, seed=0)
+    src = real_data_dir()
+    source = nib.load(src / SOURCE_FILES["t1ce"])
+    affine = target_affine(source, shape, spacing)
+    brain = nib.load(post["brain_mask"])
+    idx = np.argwhere(np.asanyarray(brain.dataobj) > 0)
+    brain_centre = idx.mean(axis=0) @ brain.affine[:3, :3].T + brain.affine[:3, 3]
+    head_centre = (source.affine @ np.array([*(np.array(source.shape[:3]) - 1) / 2, 1.0]))[:3]
+    motion = rigid_matrix(*PREOP_MOTION, centre=head_centre)
+    field = warp_field(seed=PREOP_WARP["seed"], rms_mm=PREOP_WARP["rms_mm"], centre=head_centre)
+    tumour_centre = brain_centre + np.array(PREOP_TUMOUR["offset_mm"])
+    radii = np.array(PREOP_TUMOUR["radii_mm"])
+
+    def inside(points: np.ndarray) -> np.ndarray:
+        return (((points - tumour_centre) / radii) ** 2).sum(-1) <= 1.0
+
+    from scipy.ndimage import map_coordinates
+
+    data = np.asanyarray(source.dataobj).astype(np.float32)
+    inv_src = np.linalg.inv(source.affine)
+    inv_motion = np.linalg.inv(motion)
+    pre = np.zeros(shape, np.float32)
+    pre_mask = np.zeros(shape, np.uint8)
+    truth = np.zeros(shape, np.uint8)
+    ij = np.stack(np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij"), -1).astype(np.float32)
+    for k in range(shape[2]):
+        pts = np.concatenate([ij, np.full(shape[:2] + (1,), k, np.float32)], -1) @ affine[:3, :3].T + affine[:3, 3]
+        z = pts @ inv_motion[:3, :3].T + inv_motion[:3, 3]
+        w = (z + field(z)).astype(np.float32)
+        vox = w @ inv_src[:3, :3].T + inv_src[:3, 3]
+        pre[:, :, k] = map_coordinates(data, np.moveaxis(vox, -1, 0), order=1, mode="constant", cval=0.0)
+        pre_mask[:, :, k] = inside(w)
+        truth[:, :, k] = inside(pts)
+    rng = np.random.default_rng(seed)
+    floor = 0.01 * float(np.percentile(pre[pre > 0], 99))
+    pre = np.maximum(pre, np.abs(rng.normal(0.0, floor, size=shape)).astype(np.float32))
+    for key, values, dtype in (("preop_t1ce", np.round(pre), np.int16), ("preop_mask", pre_mask, np.uint8),
+                               ("truth_mask", truth, np.uint8)):
+        out = nib.Nifti1Image(values.astype(dtype), affine)
+        out.set_qform(affine, code=1)
+        out.set_sform(affine, code=1)
+        nib.save(out, files[key])
+    files["truth"].write_text(json.dumps({"seed": PREOP_WARP["seed"], "rms_mm": PREOP_WARP["rms_mm"],
+                                          "centre": head_centre.tolist(), "motion": motion.tolist()}))
+    return files
 
 
 def skull_stripped_channels(files: dict[str, Path], out_dir: Path) -> list[Path]:

@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 
 from bids_postop.core.registration import (
+    DEFAULT_SETTINGS,
+    FULL_RESOLUTION,
     RegistrationResult,
     apply_transforms,
+    block_average,
+    block_factors,
     nifti_to_ants,
     register,
 )
@@ -21,6 +25,7 @@ from bids_postop.errors import InputDataError
 REAL = Path(os.environ.get("BIDS_POSTOP_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "real"))
 BRATS_T1C = REAL / "brats-gli-00001-000" / "BraTS-GLI-00001-000-t1c.nii.gz"
 TCGA_NATIVE_T1C = REAL / "tcga-fg-6692" / "native" / "TCGA-FG-6692_t1c.nii.gz"
+TCGA_NATIVE_MASK = REAL / "tcga-fg-6692" / "native" / "TCGA-FG-6692_t1c_brainmask_hdbet.nii.gz"
 
 LPS_FLIP = np.array([-1.0, -1.0, 1.0])
 
@@ -206,7 +211,8 @@ def _downsample2(path: Path, out: Path) -> nib.Nifti1Image:
 
 
 @pytest.mark.slow
-def test_rigid_registration_recovers_known_motion(tmp_path):
+@pytest.mark.parametrize("settings", [DEFAULT_SETTINGS, FULL_RESOLUTION], ids=["working-grid", "full-resolution"])
+def test_rigid_registration_recovers_known_motion(tmp_path, settings):
     import ants
     import pandas as pd
 
@@ -225,7 +231,8 @@ def test_rigid_registration_recovers_known_motion(tmp_path):
     nib.save(nib.Nifti1Image(data.astype(np.float32), motion @ fixed_img.affine), moving)  # oblique file
 
     start = time.perf_counter()
-    result = register(tmp_path / "fixed.nii.gz", moving, kind="rigid", out_prefix=tmp_path / "out" / "sub_")
+    result = register(tmp_path / "fixed.nii.gz", moving, kind="rigid", out_prefix=tmp_path / "out" / "sub_",
+                      settings=settings)
     elapsed = time.perf_counter() - start
     assert isinstance(result, RegistrationResult) and result.kind == "rigid"
     assert [p.name for p in result.transforms] == ["sub_0GenericAffine.mat"]
@@ -338,3 +345,169 @@ def test_register_rejects_mask_on_another_grid(tmp_path, moving_linear):
 def test_register_rejects_unknown_kind(tmp_path, moving_linear):
     with pytest.raises(ValueError, match="kind must be one of"):
         register(moving_linear, moving_linear, kind="bspline", out_prefix=tmp_path / "x_")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 18: registration on block-averaged copies (DEFAULT_SETTINGS), against known transforms of real scans
+
+
+def test_block_factors_and_block_average_keep_the_image_in_place():
+    assert block_factors((0.67, 0.64, 1.96), 2.0) == (3, 3, 1)
+    assert block_factors((0.9, 0.9, 5.5), 2.0) == (2, 2, 1)
+    assert block_factors((1.0, 1.0, 1.0), 2.0) == (2, 2, 2)
+    affine = _oblique_affine(zooms=(0.6, 0.7, 1.9))
+    rng = np.random.default_rng(0)
+    data = rng.random((13, 11, 7)).astype(np.float32)
+    img = nib.Nifti1Image(data, affine)
+    box = (slice(2, 13), slice(1, 10), slice(0, 7))
+    small = block_average(img, (3, 2, 1), box=box)
+    assert small.shape == (3, 4, 7)  # 11 // 3, 9 // 2, 7: incomplete last blocks dropped
+    np.testing.assert_allclose(small.get_fdata()[1, 2, 3], data[5:8, 5:7, 3].mean(), rtol=1e-6)
+    # a block's voxel sits at the centre of the voxels it averages, on the same (oblique) axes
+    centre = affine @ np.array([6.0, 5.5, 3.0, 1.0])
+    np.testing.assert_allclose(small.affine @ np.array([1.0, 2.0, 3.0, 1.0]), centre, atol=1e-9)
+    peak = block_average(nib.Nifti1Image((data > 0.98).astype(np.uint8), affine), (3, 2, 1), box=box, how="max")
+    assert peak.get_fdata().sum() >= 1 and set(np.unique(peak.get_fdata())) <= {0.0, 1.0}
+
+
+def _motion(angles_deg, shift_mm, centre) -> np.ndarray:
+    """RAS rigid motion: rotations about x, y, z (degrees) about ``centre``, then ``shift_mm``."""
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    out = np.eye(4)
+    out[:3, :3] = rz @ ry @ rx
+    out[:3, 3] = centre - out[:3, :3] @ centre + np.asarray(shift_mm)
+    return out
+
+
+def _smooth_field(seed: int, rms_mm: float, centre: np.ndarray, terms: int = 4):
+    """Low-frequency random displacement (RAS mm): per component, ``terms`` sinusoids of random direction and
+    phase, wavelengths 50-110 mm, ``rms_mm`` RMS length, |grad| <= 0.4 (invertible)."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(3, terms, 3))
+    directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
+    waves = (directions * (2 * np.pi / rng.uniform(50.0, 110.0, size=(3, terms, 1)))).astype(np.float32)
+    phases = rng.uniform(0, 2 * np.pi, size=(3, terms)).astype(np.float32)
+    amplitude = np.float32(rms_mm / np.sqrt(1.5 * terms))
+    centre = np.asarray(centre, dtype=np.float32)
+
+    def field(points: np.ndarray) -> np.ndarray:
+        x = np.asarray(points, dtype=np.float32) - centre
+        return np.stack([amplitude * np.sin(x @ waves[c].T + phases[c]).sum(-1) for c in range(3)], axis=-1)
+
+    return field
+
+
+def _sample_world(img: nib.Nifti1Image, points_ras: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import map_coordinates
+
+    inv = np.linalg.inv(img.affine)
+    vox = points_ras @ inv[:3, :3].T + inv[:3, 3]
+    return map_coordinates(np.asanyarray(img.dataobj).astype(np.float32), np.moveaxis(vox, -1, 0), order=1,
+                           mode="constant", cval=0.0)
+
+
+def _grid_world(shape, affine) -> np.ndarray:
+    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), axis=-1)
+    return ijk @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
+
+
+def _with_noise_floor(data: np.ndarray, seed: int) -> np.ndarray:
+    floor = 0.01 * float(np.percentile(data[data > 0], 99))
+    return np.maximum(data, np.abs(np.random.default_rng(seed).normal(0, floor, data.shape))).astype(np.float32)
+
+
+def _estimated_points(transforms, points_ras: np.ndarray) -> np.ndarray:
+    import ants
+    import pandas as pd
+
+    moved = ants.apply_transforms_to_points(3, pd.DataFrame(points_ras * LPS_FLIP, columns=["x", "y", "z"]),
+                                            [str(t) for t in transforms])
+    return moved[["x", "y", "z"]].to_numpy() * LPS_FLIP
+
+
+def _brain_sample(mask: np.ndarray, affine: np.ndarray, n: int = 5000) -> np.ndarray:
+    idx = np.argwhere(mask)
+    idx = idx[np.random.default_rng(0).choice(len(idx), size=min(n, len(idx)), replace=False)]
+    return idx @ affine[:3, :3].T + affine[:3, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["brats-1mm", "tcga-native"])
+def test_adopted_settings_recover_a_known_rigid_motion_of_a_real_scan(tmp_path, case):
+    """Issue 18's target: a known 6-DOF motion of a real scan recovered within 0.5 mm mean inside the brain (measured
+    with DEFAULT_SETTINGS: 0.02 mm on BraTS at 1 mm, 0.06 mm on TCGA-FG-6692's oblique 0.9×0.9×5.5 mm scan; the
+    bounds below are ~5x that). The moving scan is the fixed one moved and resampled (trilinear) onto another grid,
+    with a 1 % noise floor; the metric is restricted to the brain, as in the pipeline."""
+    if case == "brats-1mm":
+        fixed_img = nib.load(_require(BRATS_T1C))
+        brain = np.asanyarray(fixed_img.dataobj) > 0
+        motion = _motion((5.0, 4.5, -3.0), (4.0, -3.0, 2.5), _centre(fixed_img))
+        grid = _oblique_affine(zooms=(1.1, 1.1, 1.1), degrees=12.0, origin=(0.0, 0.0, 0.0))
+        shape = (210, 210, 150)
+        grid[:3, 3] = _centre(fixed_img) - grid[:3, :3] @ ((np.array(shape) - 1) / 2)
+    else:
+        fixed_img = nib.load(_require(TCGA_NATIVE_T1C))
+        brain = np.asanyarray(nib.load(_require(TCGA_NATIVE_MASK)).dataobj) > 0
+        motion = _motion((-4.0, 3.0, 6.0), (-3.0, 5.0, -2.0), _centre(fixed_img))
+        grid, shape = fixed_img.affine, fixed_img.shape[:3]
+    inverse = np.linalg.inv(motion)  # moving(y) = fixed(M^-1 y): the anatomy at x lies at M x in the moving scan
+    points = _grid_world(shape, grid)
+    moving_data = _sample_world(fixed_img, points @ inverse[:3, :3].T.astype(np.float32)
+                                + inverse[:3, 3].astype(np.float32))
+    moving = tmp_path / "moving.nii.gz"
+    nib.save(nib.Nifti1Image(np.round(_with_noise_floor(moving_data, 1)).astype(np.int16), grid), moving)
+    mask = tmp_path / "brain.nii.gz"
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), fixed_img.affine), mask)
+
+    result = register(fixed_img.get_filename(), moving, kind="rigid", out_prefix=tmp_path / "reg_", fixed_mask=mask)
+    brain_points = _brain_sample(brain, fixed_img.affine)
+    truth = brain_points @ motion[:3, :3].T + motion[:3, 3]
+    error = np.linalg.norm(_estimated_points(result.transforms, brain_points) - truth, axis=1)
+    print(f"{case}: rigid recovery error mean {error.mean():.3f} mm, max {error.max():.3f} mm")
+    assert error.mean() < 0.5  # the issue's target
+    assert error.mean() < (0.1 if case == "brats-1mm" else 0.3)
+    assert error.max() < 0.6
+
+
+def _centre(img: nib.Nifti1Image) -> np.ndarray:
+    return (img.affine @ np.array([*(np.array(img.shape[:3]) - 1) / 2, 1.0]))[:3]
+
+
+@pytest.mark.slow
+def test_adopted_settings_recover_a_known_smooth_warp_of_a_real_scan(tmp_path):
+    """Issue 18's target: a known smooth warp (random sinusoids, 2 mm RMS, wavelengths 50-110 mm) after a rigid
+    motion (3°, -2°, 4°; 3, 2, -4 mm) of the real BraTS T1w-CE, recovered by SyN on the working grid within 1 mm
+    mean inside the brain (measured: see benchmarks/RESULTS.md); the affine stage alone is far off, so the
+    deformable stage is what recovers it."""
+    fixed_img = nib.load(_require(BRATS_T1C))
+    brain = np.asanyarray(fixed_img.dataobj) > 0
+    centre = _centre(fixed_img)
+    motion = _motion((3.0, -2.0, 4.0), (3.0, 2.0, -4.0), centre)
+    field = _smooth_field(7, 2.0, centre)
+    inverse = np.linalg.inv(motion)
+    points = _grid_world(fixed_img.shape, fixed_img.affine)
+    z = points @ inverse[:3, :3].T.astype(np.float32) + inverse[:3, 3].astype(np.float32)
+    moving_data = _sample_world(fixed_img, z + field(z))  # moving(y) = fixed(w(y)), w(y) = z + d(z), z = M^-1 y
+    del points, z
+    moving = tmp_path / "moving.nii.gz"
+    nib.save(nib.Nifti1Image(np.round(_with_noise_floor(moving_data, 2)).astype(np.int16), fixed_img.affine), moving)
+    mask = tmp_path / "brain.nii.gz"
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), fixed_img.affine), mask)
+
+    result = register(fixed_img.get_filename(), moving, kind="syn", out_prefix=tmp_path / "syn_", fixed_mask=mask)
+    assert [p.name for p in result.transforms] == ["syn_1Warp.nii.gz", "syn_0GenericAffine.mat"]
+    brain_points = _brain_sample(brain, fixed_img.affine)
+    inside = brain_points.copy()  # the truth maps x to w^-1(x): solve z + d(z) = x, then y = M z
+    for _ in range(60):
+        inside = brain_points - field(inside)
+    truth = inside @ motion[:3, :3].T + motion[:3, 3]
+    error = np.linalg.norm(_estimated_points(result.transforms, brain_points) - truth, axis=1)
+    affine_only = np.linalg.norm(_estimated_points(result.transforms[1:], brain_points) - truth, axis=1)
+    print(f"warp recovery error mean {error.mean():.3f} mm, p95 {np.percentile(error, 95):.3f} mm "
+          f"(affine stage alone: {affine_only.mean():.3f} mm)")
+    assert error.mean() < 1.0  # the issue's target
+    assert affine_only.mean() > 1.5 * error.mean()
+

@@ -64,8 +64,10 @@ def init_channels_wf(
         (brain_extraction, outputnode, [("out_file", "brain_mask")]),
     ])
     for role in registered:
+        # estimated on ~2 mm copies cut to the brain box (core.registration.DEFAULT_SETTINGS: 0.3-0.8 GiB peak on a
+        # 430×461×180 grid), applied once to the full-resolution image by the resample node
         register = pe.Node(Register(kind=REGISTRATION_KIND[role], threads=omp_nthreads),
-                           name=f"register_{role}", mem_gb=1.5, n_procs=omp_nthreads)
+                           name=f"register_{role}", mem_gb=1.0, n_procs=omp_nthreads)
         resample = pe.Node(ApplyTransforms(interpolation="linear"), name=f"resample_{role}")
         skullstrip = pe.Node(ApplyBrainMask(), name=f"skullstrip_{role}")
         workflow.connect([
@@ -77,9 +79,8 @@ def init_channels_wf(
             (skullstrip, outputnode, [("out_file", role)]),
             (resample, outputnode, [("out_file", f"{role}_registered")]),
             # The metric is computed inside the post-op brain mask, for every registration: it keeps the deformable
-            # (pre-op) registration away from skull and cavity differences, and it makes the rigid ones ~9x
-            # cheaper on large grids (the brain is ~5 % of a 430×461×180 field of view) at 0.1 mm error for a
-            # known motion (benchmarks/registration_speed.py, RESULTS.md).
+            # (pre-op) registration away from skull and cavity differences, and the mask's box (+20 mm) is the
+            # region the registration works on (benchmarks/registration_accuracy.py, RESULTS.md).
             (brain_extraction, register, [("out_file", "fixed_mask")]),
         ])
         if role == "preop_t1ce":
