@@ -25,6 +25,7 @@ import contextlib
 import io
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +56,7 @@ def extract_brain(
     device: str = "cpu",
     threads: int = 1,
     model_folder: str | Path | None = None,
+    report: dict[str, Any] | None = None,
 ) -> Path:
     """Compute a brain mask of a T1-weighted (or T1w-CE) head image.
 
@@ -75,6 +77,11 @@ def extract_brain(
     model_folder : str or Path, optional
         The Raidionics model folder (``pre_processing.ini`` + ``model.onnx``); required for ``"raidionics"``,
         ignored otherwise.
+    report : dict, optional
+        Filled with what ran (deepbet and HD-BET): ``threads`` (torch's intra-op count during the call),
+        ``network_input_shape`` (the array the network was given), ``seconds`` (``read``, ``load_network``:
+        importing torch and loading the weights, 0 when this process already has them, ``network``, ``write``)
+        and ``cpu_seconds`` of the whole call, so that a slow step can be told apart from a slow machine.
 
     Returns
     -------
@@ -100,22 +107,42 @@ def extract_brain(
 
         return extract_brain_raidionics(image, model_folder=model_folder, out_mask=out_mask,
                                         device=device, threads=threads)
+    info: dict[str, Any] = report if report is not None else {}
+    seconds: dict[str, float] = {}
+    info.update(method=method, seconds=seconds)
+    start, start_cpu = time.perf_counter(), time.process_time()
     image = Path(image)
     img = load_3d(image, what="image for brain extraction")
+    np.asanyarray(img.dataobj)
+    seconds["read"] = round(time.perf_counter() - start, 3)
+    tick = time.perf_counter()
     import torch
 
     torch.set_num_threads(int(threads))
     if method == "deepbet":
-        mask = _deepbet_mask(img, device=device, path=image)
+        _deepbet_network(device)
     else:
-        mask = _hdbet_mask(img, device=device, path=image)
+        _hdbet_network(device)
+    seconds["load_network"] = round(time.perf_counter() - tick, 3)
+    info["threads"] = torch.get_num_threads()
+    tick = time.perf_counter()
+    if method == "deepbet":
+        mask = _deepbet_mask(img, device=device, path=image, info=info)
+    else:
+        mask = _hdbet_mask(img, device=device, path=image, info=info)
+    seconds["network"] = round(time.perf_counter() - tick, 3)
     if mask.shape != img.shape[:3]:  # both wrappers map back to the input grid; never write a wrong grid
         raise RuntimeError(f"{method} returned a mask of shape {mask.shape} for an image of shape {img.shape}")
     if not mask.any():
         raise InputDataError(f"{method} found no brain in the image", image)
+    tick = time.perf_counter()
     out_mask = Path(out_mask)
     out_mask.parent.mkdir(parents=True, exist_ok=True)
-    return write_like(mask.astype(np.uint8), img, out_mask, dtype=np.uint8)
+    written = write_like(mask.astype(np.uint8), img, out_mask, dtype=np.uint8)
+    seconds["write"] = round(time.perf_counter() - tick, 3)
+    info["cpu_seconds"] = round(time.process_time() - start_cpu, 3)
+    info["wall_seconds"] = round(time.perf_counter() - start, 3)
+    return written
 
 
 def apply_brain_mask(image: str | Path, mask: str | Path, *, out_file: str | Path) -> Path:
@@ -189,7 +216,8 @@ def _deepbet_network(device: str) -> Any:
 DEEPBET_MAX_VOXELS = 320  # per RAS axis; finer grids are sampled (every f-th voxel) before deepbet
 
 
-def _deepbet_mask(img: nib.Nifti1Image, *, device: str, path: Path) -> np.ndarray:
+def _deepbet_mask(img: nib.Nifti1Image, *, device: str, path: Path, info: dict[str, Any] | None = None
+                  ) -> np.ndarray:
     """deepbet mask (bool, input voxel order).
 
     What deepbet's ``BrainExtraction.run`` does, without the skull-stripped image it also builds: the image in
@@ -204,6 +232,8 @@ def _deepbet_mask(img: nib.Nifti1Image, *, device: str, path: Path) -> np.ndarra
     ras = to_ras(np.asanyarray(img.dataobj), img.affine)
     factors = tuple(max(1, -(-int(n) // DEEPBET_MAX_VOXELS)) for n in ras.shape[:3])
     x = np.ascontiguousarray(ras[::factors[0], ::factors[1], ::factors[2]], dtype=np.float32)
+    if info is not None:
+        info["network_input_shape"] = list(x.shape)
     try:
         probability = network.run_model(x)
     except AssertionError as exc:  # deepbet asserts when its box network finds no head
@@ -293,7 +323,8 @@ def _hdbet_network(device: str) -> tuple[Any, Any]:
     return _NETWORKS[key]
 
 
-def _hdbet_mask(img: nib.Nifti1Image, *, device: str, path: Path) -> np.ndarray:
+def _hdbet_mask(img: nib.Nifti1Image, *, device: str, path: Path, info: dict[str, Any] | None = None
+                ) -> np.ndarray:
     """HD-BET mask (bool, input voxel order).
 
     As the original HD-BET: the image is put in RAS+ voxel order, transposed to (z, y, x), resampled to
@@ -314,6 +345,8 @@ def _hdbet_mask(img: nib.Nifti1Image, *, device: str, path: Path) -> np.ndarray:
         raise InputDataError("HD-BET cannot segment a constant image", path)
     with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():  # hd-bet prints progress
         model_input = preprocess_image_numpy(zyx, spacing_zyx, spacing_target=HDBET_SPACING_MM)
+        if info is not None:
+            info["network_input_shape"] = list(np.shape(model_input))
         _, _, softmax, _ = predict_case_3D_net(
             network,
             model_input[None],
