@@ -450,3 +450,11 @@ def test_group_level_measures_whether_the_review_flag_finds_the_wrong_calls(tmp_
     pairs = [(cases[b][3], cases[g][3]) for b in bad if bad[b] for g in bad if not bad[g]]
     by_hand = sum(1.0 if sb > sg else 0.5 if sb == sg else 0.0 for sb, sg in pairs) / len(pairs)
     assert float(row["auroc_score_bad"]) == pytest.approx(by_hand)
+    # the output, group level included, is a valid BIDS derivatives dataset
+    from conftest import require_tool
+
+    proc = subprocess.run([require_tool("bids-validator-deno"), str(out), "--json", "--datasetTypes", "derivative"],
+                          capture_output=True, text=True, timeout=300)
+    errors = [i for i in json.loads(proc.stdout)["issues"]["issues"] if i["severity"] == "error"]
+    assert not errors, errors[:5]
+    assert (out / "group_summary.tsv").is_file() and (out / "group" / "review.tsv").is_file()
