@@ -338,9 +338,9 @@ def test_fold_members_leave_the_ensemble_unchanged(two_fold_model, demo_files):
     assert kept.members.kind == "folds" and kept.members.names == ("fold_0", "fold_1")
     members = list(kept.members)
     assert np.abs(members[0] - members[1]).max() > 0.05  # the folds differ
-    for fold, member in zip((0, 1), members, strict=True):
+    for fold, member in zip((0, 1), members, strict=True):  # members cover the crop; 0 outside, as the ensemble
         alone = predict_probability(card, demo_files, options=replace(options, folds=(fold,)))
-        np.testing.assert_array_equal(member, alone, err_msg=f"fold {fold}")
+        np.testing.assert_array_equal(kept.members.paste(member, alone.shape), alone, err_msg=f"fold {fold}")
 
 
 @pytest.mark.slow
@@ -361,7 +361,7 @@ def test_mirrored_passes_are_the_members_of_a_single_fold(card_b, demo_files):
     assert kept.members.kind == "mirrored passes" and kept.members.names == ("unmirrored", "mirrored axes 2")
     unmirrored = predict_probability(card_b, demo_files, options=NnUNetOptions(device="cpu", engine="torch",
                                                                                use_mirroring=False))
-    np.testing.assert_array_equal(next(iter(kept.members)), unmirrored)
+    np.testing.assert_array_equal(kept.members.paste(next(iter(kept.members)), unmirrored.shape), unmirrored)
 
     predictor, data = _preprocessed(card_b, demo_files, True)
     stock = predictor.predict_logits_from_preprocessed_data(data).float()
@@ -390,6 +390,22 @@ def test_mirrored_passes_are_the_members_of_a_single_fold(card_b, demo_files):
           f"mirrored vs unmirrored pass {passes_gap:.2e}")
     assert gap < 2e-3 and flip_gap < 2e-3
     assert passes_gap > 0.05  # the passes really differ
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "PIL", "SAR"])
+def test_members_box_in_the_stored_voxel_order(codes):
+    """Members cover the stored grid's region that nnU-Net's (reader-order) crop maps to, whatever the orientation."""
+    from nibabel import orientations as nio
+
+    from bids_postop.segmentation.nnunet import ReaderView, stored_box
+
+    shape = (7, 9, 11)
+    affine = nio.inv_ornt_aff(nio.axcodes2ornt(tuple(codes)), shape)  # any affine with these axis codes
+    view = ReaderView(nio.io_orientation(affine), (1.0, 1.0, 1.0))
+    stored = np.random.default_rng(0).random(shape)
+    reader = view.to_reader(stored)
+    box = (slice(1, 4), slice(2, reader.shape[1]), slice(0, 5))
+    np.testing.assert_array_equal(view.to_stored(reader[box]), stored[stored_box(view, reader.shape, box)])
 
 
 @pytest.mark.slow
@@ -442,3 +458,33 @@ def test_segment_node_writes_the_uncertainty_map_and_summary(tmp_path, two_fold_
     summary = json.loads(open(fast.uncertainty_json).read())
     assert summary["members_kind"] == "none" and summary["review_flag"] is None
     assert summary["residual_volume_ml_min"] is None and summary["rt_fraction_members"] is None
+
+
+@pytest.mark.parametrize("source, target, current, new", [
+    ((20, 25, 30), (53, 61, 77), (1.5, 1.5, 1.5), (0.6, 0.6, 0.6)),  # up
+    ((40, 41, 39), (17, 13, 29), (1.0, 1.0, 1.0), (2.3, 3.1, 1.3)),  # down and up
+    ((30, 64, 64), (80, 150, 150), (3.0, 1.0, 1.0), (1.1, 0.43, 0.43)),  # anisotropy 3: not separate z
+    ((10, 12, 14), (10, 12, 14), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),  # no resampling
+    ((6, 40, 40), (33, 44, 44), (5.5, 0.9, 0.9), (1.0, 0.82, 0.82)),  # separate z: nnU-Net's own function
+])
+def test_float32_resampling_is_nnunets_bit_for_bit(source, target, current, new):
+    """The export's probability resampling, written straight into float32 (no float64 copy of the box), gives
+    nnU-Net's ``resample_data_or_seg_to_shape`` exactly; configurations it does not cover go to nnU-Net."""
+    from functools import partial
+
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+
+    from bids_postop.segmentation.nnunet import _resample_linear_float32
+
+    class Configuration:  # what the export reads from nnU-Net's ConfigurationManager
+        resampling_fn_probabilities = partial(resample_data_or_seg_to_shape, is_seg=False, order=1, order_z=0,
+                                              force_separate_z=None)
+
+    data = np.random.default_rng(0).normal(0, 8, (1, *source)).astype(np.float32)
+    expected = np.asarray(Configuration.resampling_fn_probabilities(data, target, current, new)[0], np.float32)
+    mine = _resample_linear_float32(Configuration, data, target, current, new)
+    if current[0] == 5.5:
+        assert mine is None
+    else:
+        assert mine.dtype == np.float32
+        np.testing.assert_array_equal(mine, expected)

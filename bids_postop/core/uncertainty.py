@@ -127,6 +127,24 @@ def _residual(probability: np.ndarray, grid: Grid, *, threshold: float, min_comp
     return mask, volume_ml(mask, grid)
 
 
+_CHUNK_VOXELS = 1 << 22  # Welford's temporaries per slab of the first axis: 16 MiB each, never a whole grid
+
+
+def _welford_update(mean: np.ndarray, m2: np.ndarray, member: np.ndarray, count: int) -> None:
+    """Welford's running mean and sum of squared deviations, in place (float32; exactly 0 where members agree),
+    slab by slab along the member's outermost axis in memory (members may be transposed views)."""
+    order = tuple(int(a) for a in np.argsort(member.strides)[::-1])
+    mean, m2, member = mean.transpose(order), m2.transpose(order), member.transpose(order)
+    step = max(1, _CHUNK_VOXELS // max(1, int(np.prod(member.shape[1:]))))
+    for start in range(0, member.shape[0], step):
+        part = slice(start, start + step)
+        x, mu = member[part], mean[part]
+        delta = x - mu
+        mu += delta / np.float32(count)
+        delta *= x - mu
+        m2[part] += delta
+
+
 def check_score_threshold(value: Any, *, where: str = "score_threshold") -> float | None:
     """``None`` or a finite number ≥ 0 (as float); anything else raises ``ValueError`` naming ``where``."""
     if value is None:
@@ -181,9 +199,7 @@ def assess_members(members: Iterable[np.ndarray], probability: np.ndarray, grid:
                                   gtr_inclusive=bool(gtr_inclusive))
 
     volumes: list[float] = []
-    union = np.zeros(probability.shape, dtype=bool)
-    mean = np.zeros(probability.shape, dtype=np.float32)
-    m2 = np.zeros(probability.shape, dtype=np.float32)
+    union = mean = m2 = np.zeros(0, dtype=np.float32)  # allocated at the first member, in its memory layout
     for count, member in enumerate(members, start=1):
         if kind == "none":
             raise ValueError("members of kind 'none' must be empty (one fold without test-time augmentation)")
@@ -191,16 +207,14 @@ def assess_members(members: Iterable[np.ndarray], probability: np.ndarray, grid:
         if member.shape != probability.shape:
             raise ValueError(f"member {count - 1} has shape {member.shape}; the probability map has "
                              f"{probability.shape}")
+        if count == 1:
+            union, mean, m2 = np.zeros_like(member, dtype=bool), np.zeros_like(member), np.zeros_like(member)
         mask, ml = _residual(member, grid, threshold=threshold, min_component_voxels=min_component_voxels)
         volumes.append(ml)
         union |= mask
         del mask
-        # Welford's running mean and sum of squared deviations (float32, stable where members agree: exactly 0)
-        delta = member - mean
-        mean += delta / np.float32(count)
-        delta *= member - mean
-        m2 += delta
-        del delta, member
+        _welford_update(mean, m2, member, count)
+        del member
     n = len(volumes)
     member_names = tuple(names) if names is not None else tuple(f"member_{i}" for i in range(n))
     if len(member_names) != n:

@@ -168,6 +168,7 @@ class Segment(SimpleInterface):
 
     def _run_interface(self, runtime):
         import nibabel as nib
+        import numpy as np
 
         from bids_postop.core.images import write_like
         from bids_postop.core.uncertainty import assess_members
@@ -196,13 +197,20 @@ class Segment(SimpleInterface):
         info = Path(runtime.cwd) / "segment.json"
         info.write_text(json.dumps(report, indent=2))
         self._results["run_info"] = str(info)
-        members = prediction.members
+        # members cover the backend's crop (members.box), outside which the ensemble is 0: only that part of the
+        # ensemble is kept while they are assessed (memory on very large grids)
+        members, probability = prediction.members, prediction.probability
+        del prediction
+        if members.box is not None:
+            probability = np.array(members.crop(probability))
         voxel_map, summary = assess_members(
-            members, prediction.probability, reference.affine, kind=members.kind, names=members.names,
+            members, probability, reference.affine, kind=members.kind, names=members.names,
             threshold=self.inputs.threshold, min_component_voxels=self.inputs.min_component_voxels,
             cutoff_ml=self.inputs.gtr_cutoff_ml, gtr_inclusive=self.inputs.gtr_inclusive,
             score_threshold=limit)
+        del probability
         if voxel_map is not None:
+            voxel_map = members.paste(voxel_map, reference.shape[:3])
             self._results["uncertainty"] = str(write_like(voxel_map, reference,
                                                           Path(runtime.cwd) / "uncertainty.nii.gz"))
         summary_file = Path(runtime.cwd) / "uncertainty.json"

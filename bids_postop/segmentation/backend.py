@@ -24,20 +24,36 @@ class Members:
     resolution (one member in memory at a time when iterated).
 
     ``kind``: ``"folds"`` (several folds ran), ``"mirrored passes"`` (one fold with test-time mirroring) or ``"none"``
-    (nothing varies: no members).
+    (nothing varies: no members). ``box``: the part of the grid (slices of the stored voxel order) that the member
+    arrays cover; every member and the ensemble probability are 0 outside it (the backend's crop). ``None``: the
+    whole grid.
     """
 
     kind: MemberKind
     names: tuple[str, ...] = ()
-    probability: Callable[[int], np.ndarray] | None = None  # member index -> float32 probability on the grid
+    probability: Callable[[int], np.ndarray] | None = None  # member index -> float32 probability on grid[box]
+    box: tuple[slice, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        """Each member's probability on ``grid[box]``, one at a time."""
         for index in range(len(self.names)):
             assert self.probability is not None
             yield self.probability(index)
+
+    def crop(self, array: np.ndarray) -> np.ndarray:
+        """``array`` (the whole grid) restricted to ``box`` (a view)."""
+        return array if self.box is None else array[self.box]
+
+    def paste(self, array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """An array of ``grid[box]`` (a member, a map) on the whole grid of ``shape``, 0 outside ``box``."""
+        if self.box is None:
+            return array
+        full = np.zeros(tuple(shape), dtype=array.dtype)
+        full[self.box] = array
+        return full
 
 
 NO_MEMBERS = Members("none")

@@ -466,19 +466,30 @@ def predict(card: ModelCard, channel_files: Sequence[str | Path], *, options: Nn
 
 def _grid_members(member_logits: nnunet_engines.MemberLogits, export: Any, box: tuple[slice, ...],
                   shape: tuple[int, ...], view: ReaderView, folds: Sequence[int | str]) -> Members:
-    """Members whose probabilities are computed on demand: ``export`` (the ensemble's, for the box) of one member's
-    logits, pasted into the (reader-order) grid of ``shape`` at ``box`` and put in the stored voxel order."""
+    """Members whose probabilities are computed on demand: ``export`` (the ensemble's, for the reader-order ``box``
+    of a reader-order grid of ``shape``) of one member's logits, in the stored voxel order; they cover the stored
+    grid's box that ``box`` maps to (the ensemble is 0 outside it)."""
 
-    def probability(index: int) -> np.ndarray:
-        full = np.zeros(shape, dtype=np.float32)
-        full[box] = export(member_logits.logits[index].float())
-        return np.ascontiguousarray(view.to_stored(full), dtype=np.float32)
+    def probability(index: int) -> np.ndarray:  # a view in the stored order: no copy of the box
+        return view.to_stored(export(member_logits.logits[index].float()))
 
     names = member_logits.names
     if member_logits.kind == "folds":
         names = tuple(f"fold_{fold}" for fold in folds)
     kind = "folds" if member_logits.kind == "folds" else "mirrored passes"
-    return Members(kind, names, probability)
+    return Members(kind, names, probability, stored_box(view, shape, box))
+
+
+def stored_box(view: ReaderView, reader_shape: Sequence[int], box: Sequence[slice]) -> tuple[slice, ...]:
+    """The stored-order slices of the grid region that the reader-order ``box`` (of a reader array of
+    ``reader_shape``) covers: stored axis ``i`` is reader axis ``2 − ornt[i, 0]`` (nnU-Net's (z, y, x)), reversed
+    where ``ornt[i, 1]`` is −1."""
+    out = []
+    for new_axis, flip in view.ornt:
+        axis = 2 - int(new_axis)
+        lo, hi, n = int(box[axis].start or 0), int(box[axis].stop), int(reader_shape[axis])
+        out.append(slice(n - hi, n - lo) if flip < 0 else slice(lo, hi))
+    return tuple(out)
 
 
 def nonzero_box(arrays: Sequence[np.ndarray]) -> tuple[slice, ...] | None:
@@ -598,19 +609,64 @@ def _foreground_probability(predictor: Any, logits: Any, properties: dict) -> np
     current_spacing = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape) \
         else [spacing_transposed[0], *configuration_manager.spacing]
     difference = (logits[1] - logits[0])[None].float().numpy()
-    resampled = configuration_manager.resampling_fn_probabilities(difference, shape, current_spacing,
-                                                                   spacing_transposed)
-    probability = np.asarray(resampled[0], dtype=np.float32)
-    del resampled, difference
+    probability = _resample_linear_float32(configuration_manager, difference, shape, current_spacing,
+                                           spacing_transposed)
+    if probability is None:  # another resampling: nnU-Net's function
+        resampled = configuration_manager.resampling_fn_probabilities(difference, shape, current_spacing,
+                                                                       spacing_transposed)
+        probability = np.asarray(resampled[0], dtype=np.float32)
+        del resampled
+    del difference
     with np.errstate(over="ignore"):  # sigmoid in place: exp(−d) may overflow to inf → probability 0
         np.negative(probability, out=probability)
         np.exp(probability, out=probability)
         probability += 1.0
         np.reciprocal(probability, out=probability)
-    full = np.zeros(properties["shape_before_cropping"], dtype=np.float32)
-    box = tuple(slice(int(lo), int(hi)) for lo, hi in properties["bbox_used_for_cropping"])
-    full[box] = probability
+    if tuple(probability.shape) == tuple(properties["shape_before_cropping"]):
+        full = probability  # nnU-Net's crop is the whole box (the channels were cropped to their nonzero box)
+    else:
+        full = np.zeros(properties["shape_before_cropping"], dtype=np.float32)
+        box = tuple(slice(int(lo), int(hi)) for lo, hi in properties["bbox_used_for_cropping"])
+        full[box] = probability
+        del probability
     return np.ascontiguousarray(full.transpose(plans_manager.transpose_backward))
+
+
+def _resample_linear_float32(configuration_manager: Any, data: np.ndarray, shape: Sequence[int],
+                             current_spacing: Sequence[float], new_spacing: Sequence[float]) -> np.ndarray | None:
+    """nnU-Net's default probability resampling of a one-channel float32 ``data`` (1, *s) to ``shape``, written
+    straight into a float32 array; ``None`` when the configuration resamples otherwise.
+
+    nnU-Net's ``resample_data_or_seg_to_shape`` with order 1 and no separate z runs
+    ``skimage.transform.resize(data.astype(float64), shape, order=1, mode="edge", anti_aliasing=False)``, i.e.
+    ``scipy.ndimage.zoom(…, order=1, mode="nearest", grid_mode=True)`` clipped to the input's range, in float64,
+    then copies it into a float32 array. The same zoom with a float32 output array computes each value in double
+    and rounds it once, exactly as that copy does (test: bit for bit), without the float64 array of the whole
+    box (2 GiB of transient memory for a 258-million-voxel box)."""
+    from nnunetv2.preprocessing.resampling.default_resampling import (
+        determine_do_sep_z_and_axis,
+        resample_data_or_seg_to_shape,
+    )
+    from scipy import ndimage
+
+    function = configuration_manager.resampling_fn_probabilities
+    kwargs = dict(getattr(function, "keywords", {}) or {})
+    if getattr(function, "func", None) is not resample_data_or_seg_to_shape or kwargs.get("is_seg", False) \
+            or int(kwargs.get("order", 3)) != 1 or data.ndim != 4 or data.shape[0] != 1 or data.dtype != np.float32:
+        return None
+    separate_z, _ = determine_do_sep_z_and_axis(kwargs.get("force_separate_z", False), current_spacing,
+                                                new_spacing, kwargs.get("separate_z_anisotropy_threshold", 3))
+    if separate_z:
+        return None
+    shape = tuple(int(n) for n in shape)
+    if tuple(data.shape[1:]) == shape:
+        return np.array(data[0], dtype=np.float32)
+    source = data[0].astype(np.float64)
+    zoom = [1 / f for f in np.divide(source.shape, shape)]  # skimage.transform.resize's factors
+    out = np.empty(shape, dtype=np.float32)
+    ndimage.zoom(source, zoom, output=out, order=1, mode="nearest", grid_mode=True)
+    np.clip(out, source.min(), source.max(), out=out)  # resize's clip to the input range (bounds exact in float32)
+    return out
 
 
 def first_fold(card: ModelCard) -> tuple[int | str, ...]:

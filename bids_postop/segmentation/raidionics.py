@@ -608,11 +608,15 @@ def predict(card: ModelCard, channel_files: Sequence[str | Path], *, brain_mask:
     members = NO_MEMBERS
     if keep_members and len(outputs) > 1:
         kept = [np.ascontiguousarray(out[..., foreground:foreground + 1]) for out in outputs]
+        box = None if prepared.box is None else (slice(prepared.box[0], prepared.box[3]),
+                                                 slice(prepared.box[1], prepared.box[4]),
+                                                 slice(prepared.box[2], prepared.box[5]))
 
-        def member(index: int) -> np.ndarray:
-            return reconstruct(kept[index], prepared, 0, runtime=runtime, threshold=card.threshold)
+        def member(index: int) -> np.ndarray:  # 0 outside the cropping box, as the ensemble
+            full = reconstruct(kept[index], prepared, 0, runtime=runtime, threshold=card.threshold)
+            return full if box is None else np.ascontiguousarray(full[box])
 
-        members = Members("folds", tuple(p.parent.name if p.parent != folder else p.stem for p in paths), member)
+        members = Members("folds", tuple(p.parent.name for p in paths), member, box)
     probabilities = fuse_folds(outputs, runtime.ensembling_strategy)
     del outputs
     return Prediction(reconstruct(probabilities, prepared, foreground, runtime=runtime, threshold=card.threshold),
