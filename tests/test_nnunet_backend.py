@@ -420,7 +420,8 @@ def test_one_fold_without_mirroring_has_no_members(card_b, demo_files):
 @pytest.mark.slow
 def test_segment_node_writes_the_uncertainty_map_and_summary(tmp_path, two_fold_model, demo_files):
     """The Segment node: probability and run info as before; the member std map on the T1w-CE grid and the summary
-    JSON for two folds; no map and n/a values for one fold without mirroring (--fast)."""
+    JSON for two folds; no map and n/a values for one fold without mirroring (--fast); neither output when the
+    assessment is switched off."""
     import json
 
     from nipype.interfaces.base import isdefined
@@ -429,14 +430,18 @@ def test_segment_node_writes_the_uncertainty_map_and_summary(tmp_path, two_fold_
 
     card = two_fold_model
     results = {}
-    for fast in (False, True):
+    for name, fast, assess in (("full", False, True), ("fast", True, True), ("off", False, False)):
         node = Segment(model_folder=str(card.folder), device="cpu", threads=1, use_mirroring=False,
                        first_fold_only=fast, postop_t1ce=str(demo_files[0]), postop_t1=str(demo_files[1]),
-                       threshold=card.threshold)
-        (tmp_path / str(fast)).mkdir()
-        results[fast] = node.run(cwd=str(tmp_path / str(fast))).outputs
+                       threshold=card.threshold, assess_uncertainty=assess)
+        (tmp_path / name).mkdir()
+        results[name] = node.run(cwd=str(tmp_path / name)).outputs
     reference = nib.load(demo_files[0])
-    full = results[False]
+    off = results["off"]
+    assert not isdefined(off.uncertainty) and not isdefined(off.uncertainty_json)
+    full = results["full"]
+    np.testing.assert_array_equal(np.asanyarray(nib.load(full.out_file).dataobj),
+                                  np.asanyarray(nib.load(off.out_file).dataobj))
     report: dict = {}
     expected = predict_probability(card, demo_files, options=FAST, report=report)
     np.testing.assert_array_equal(np.asanyarray(nib.load(full.out_file).dataobj), expected)
@@ -453,7 +458,7 @@ def test_segment_node_writes_the_uncertainty_map_and_summary(tmp_path, two_fold_
     assert summary["uncertainty_score"] > 0
     print(json.dumps({k: summary[k] for k in ("member_volumes_ml", "rt_fraction_members", "uncertainty_score",
                                               "review_flag", "reasons")}))
-    fast = results[True]
+    fast = results["fast"]
     assert not isdefined(fast.uncertainty)
     summary = json.loads(open(fast.uncertainty_json).read())
     assert summary["members_kind"] == "none" and summary["review_flag"] is None

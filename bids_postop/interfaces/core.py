@@ -143,6 +143,8 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
     preop_t1ce = File(exists=True)
     preop_mask = File(exists=True)
     brain_mask = File(exists=True, desc="brain mask on the post-op T1w-CE grid (Raidionics cropping)")
+    assess_uncertainty = traits.Bool(True, usedefault=True, desc="keep the ensemble's members and assess them "
+                                     "(outputs uncertainty, uncertainty_json); False: both undefined")
     # the ensemble's post-processing, applied to every member (bids_postop.core.uncertainty)
     threshold = traits.Float(0.5, usedefault=True, desc="probability threshold (the model card's)")
     min_component_voxels = traits.Int(20, usedefault=True)
@@ -189,7 +191,7 @@ class Segment(SimpleInterface):
             device=resolve_device(self.inputs.device), threads=self.inputs.threads,
             use_mirroring=self.inputs.use_mirroring, trust_checkpoint=self.inputs.trust_checkpoint,
             first_fold_only=self.inputs.first_fold_only, precision=self.inputs.precision,
-            nnunet_engine=self.inputs.nnunet_engine, keep_members=True, report=(report := {}))
+            nnunet_engine=self.inputs.nnunet_engine, keep_members=self.inputs.assess_uncertainty, report=(report := {}))
         report.setdefault("device", resolve_device(self.inputs.device))  # what ran, for the report and methods
         reference = nib.load(self.inputs.postop_t1ce)
         out = write_like(prediction.probability, reference, Path(runtime.cwd) / "probseg.nii.gz")
@@ -197,6 +199,8 @@ class Segment(SimpleInterface):
         info = Path(runtime.cwd) / "segment.json"
         info.write_text(json.dumps(report, indent=2))
         self._results["run_info"] = str(info)
+        if not self.inputs.assess_uncertainty:
+            return runtime
         # members cover the backend's crop (members.box), outside which the ensemble is 0: only that part of the
         # ensemble is kept while they are assessed (memory on very large grids)
         members, probability = prediction.members, prediction.probability
