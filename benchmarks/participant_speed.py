@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     env = None
     if args.code is not None:
         env = {**os.environ, "PYTHONPATH": str(args.code.resolve())}
+    import subprocess
+
+    package = subprocess.run([sys.executable, "-c", "import bids_postop.core.registration as m; print(m.__file__)"],
+                             capture_output=True, text=True, env=env, check=True,
+                             cwd=args.code.resolve() if args.code is not None else None).stdout.strip()
+    print(f"bids_postop used: {package}", flush=True)
     for case in args.cases:
         files = make_case(case, workdir / "cases" / case)
         for variant in args.variants:
@@ -122,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                        "--device", args.device, "--skip-bids-validation", "--model", str(model), *extra]
             load_before = machine()["load_average"]
             print(f"\n[{tag}] {' '.join(command)}  (load {load_before})", flush=True)
-            result = run_measured(command, log=workdir / f"{tag}.log", env=env)
+            # `python -m` puts the working directory first on sys.path: run from --code's folder so that its package,
+            # not a checkout in the current directory, is the one imported (the workers inherit the parent's path)
+            result = run_measured(command, log=workdir / f"{tag}.log", env=env,
+                                  cwd=args.code.resolve() if args.code is not None else None)
             steps = {name: float(sec) for name, _, sec in
                      re.findall(rf"sub-{label}: (\S+)\s+(done  |FAILED)\s+([\d.]+) s", result["output"])}
             row = {"case": case, "variant": variant, "tag": args.tag, "code": str(args.code or "installed"),
@@ -131,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                    "peak_tree_rss_gib": result["peak_tree_rss_gib"],
                    "peak_process_rss_gib": result["peak_process_rss_gib"], "returncode": result["returncode"],
                    "steps_s": steps, "load_before": load_before, "load_after": machine()["load_average"],
+                   "package": package,
                    "machine": {k: v for k, v in info.items() if k != "load_average"}}
             rows.append(row)
             for name, sec in steps.items():

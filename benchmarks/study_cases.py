@@ -320,7 +320,8 @@ WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]
            "print('RUSAGE', r.ru_maxrss, r.ru_utime + r.ru_stime, flush=True); sys.exit(code)")
 
 
-def run_measured(command: list[str], *, env: dict | None = None, log: Path | None = None) -> dict[str, object]:
+def run_measured(command: list[str], *, env: dict | None = None, log: Path | None = None,
+                 cwd: Path | None = None) -> dict[str, object]:
     """Run ``command`` under a small wrapper process; returns wall seconds, CPU seconds (user + system of the
     command and all its descendants), the peak summed RSS of the process tree (sampled every 0.25 s), the
     largest single process's peak RSS (``ru_maxrss``), the exit code and the output (stdout + stderr)."""
@@ -332,7 +333,7 @@ def run_measured(command: list[str], *, env: dict | None = None, log: Path | Non
     start = time.monotonic()
     out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-c", WRAPPER, *command], stdout=out, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+                            text=True, env=env, cwd=cwd)
     peak = 0
     cpu_by_pid: dict[int, float] = {}
     done = threading.Event()
