@@ -101,7 +101,10 @@ class BrainExtraction(SimpleInterface):
         out = extract_brain(self.inputs.in_file, method=self.inputs.method,
                             out_mask=Path(runtime.cwd) / "brain_mask.nii.gz",
                             device=resolve_device(self.inputs.device), threads=self.inputs.threads,
-                            model_folder=self.inputs.model_folder if isdefined(self.inputs.model_folder) else None)
+                            model_folder=self.inputs.model_folder if isdefined(self.inputs.model_folder) else None,
+                            report=(report := {}))
+        # what it did (threads, the grid the network got, seconds per stage): a slow step told from a slow machine
+        (Path(runtime.cwd) / "brain_extraction.json").write_text(json.dumps(report, indent=2, default=str))
         self._results["out_file"] = str(out)
         return runtime
 

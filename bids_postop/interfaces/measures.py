@@ -12,6 +12,7 @@ class _DiametersInputSpec(BaseInterfaceInputSpec):
     t1ce = File(exists=True, mandatory=True, desc="post-op T1w-CE")
     measures = File(exists=True, mandatory=True, desc="PostProcess measures JSON (key 'bidimensional')")
     figures = traits.Dict(traits.Str, traits.Str, usedefault=True, desc="the report's other figures")
+    more_figures = traits.Dict(traits.Str, traits.Str, usedefault=True, desc="more of them (another figures node)")
 
 
 class _DiametersOutputSpec(TraitedSpec):
@@ -27,7 +28,7 @@ class DiametersFigure(SimpleInterface):
     def _run_interface(self, runtime):
         from bids_postop.reports.diameters import diameters_figure
 
-        figures = dict(self.inputs.figures)
+        figures = {**self.inputs.more_figures, **self.inputs.figures}
         shape = json.loads(Path(self.inputs.measures).read_text()).get("bidimensional") or {}
         out = diameters_figure(self.inputs.t1ce, shape, Path(runtime.cwd) / "diameters.png")
         if out is not None:

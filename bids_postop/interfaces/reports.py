@@ -12,9 +12,12 @@ REGISTERED = tuple(r for r in ROLE_TRAITS if r not in ("postop_t1ce", "preop_mas
 
 
 class _FiguresInputSpec(BaseInterfaceInputSpec):
+    part = traits.Enum("all", "residual", "registration", usedefault=True,
+                       desc="residual: mosaic and brain mask; registration: registration checks and the pre-op mask "
+                            "(they need no segmentation, so they run beside it); all: both")
     t1ce = File(exists=True, mandatory=True)
-    residual_mask = File(exists=True, mandatory=True)
-    probseg = File(exists=True, mandatory=True)
+    residual_mask = File(exists=True)
+    probseg = File(exists=True)
     brain_mask = File(exists=True, mandatory=True)
     postop_t1 = File(exists=True, desc="post-op T1w registered to the T1w-CE")
     postop_flair = File(exists=True, desc="post-op FLAIR registered to the T1w-CE")
@@ -37,18 +40,22 @@ class ReportFigures(SimpleInterface):
 
         cwd = Path(runtime.cwd)
         i = self.inputs
+        made = {}
         with fig.shared_loading():  # the T1w-CE and the brain mask are read once for all the figures
-            made = {
-                "mosaic": fig.residual_mosaic(i.t1ce, i.residual_mask, i.probseg, i.brain_mask, cwd / "mosaic.png"),
-                "brainmask": fig.brain_mask_figure(i.t1ce, i.brain_mask, cwd / "brainmask.png"),
-            }
-            for role in REGISTERED:
-                moving = getattr(i, role)
-                if isdefined(moving):
-                    made[f"registration_{role}"] = fig.registration_check(
-                        i.t1ce, moving, cwd / f"registration_{role}.svg", brain_mask=i.brain_mask)
-            if isdefined(i.preop_t1ce) and isdefined(i.preop_mask):
-                made["preopmask"] = fig.preop_mask_figure(i.preop_t1ce, i.preop_mask, cwd / "preopmask.png")
+            if i.part in ("all", "residual"):
+                if not (isdefined(i.residual_mask) and isdefined(i.probseg)):
+                    raise ValueError("the residual figures need residual_mask and probseg")
+                made["mosaic"] = fig.residual_mosaic(i.t1ce, i.residual_mask, i.probseg, i.brain_mask,
+                                                     cwd / "mosaic.png")
+                made["brainmask"] = fig.brain_mask_figure(i.t1ce, i.brain_mask, cwd / "brainmask.png")
+            if i.part in ("all", "registration"):
+                for role in REGISTERED:
+                    moving = getattr(i, role)
+                    if isdefined(moving):
+                        made[f"registration_{role}"] = fig.registration_check(
+                            i.t1ce, moving, cwd / f"registration_{role}.svg", brain_mask=i.brain_mask)
+                if isdefined(i.preop_t1ce) and isdefined(i.preop_mask):
+                    made["preopmask"] = fig.preop_mask_figure(i.preop_t1ce, i.preop_mask, cwd / "preopmask.png")
         self._results["figures"] = {k: str(v) for k, v in made.items()}
         return runtime
 

@@ -70,9 +70,11 @@ BIBTEX = {
                            "year": "2011"}),
 }
 ARCHITECTURES = {"nnunet": "nnU-Net", "raidionics": "AGU-Net", "agunet": "AGU-Net"}
-DEFAULT_REGISTRATION = ("rigid registration for the post-operative series and symmetric diffeomorphic (SyN) "
-                        "registration, restricted to the post-operative brain mask, for the pre-operative scan, "
-                        "whose tumour mask followed with nearest-neighbour interpolation")
+DEFAULT_REGISTRATION = ("rigid registration for the post-operative series and affine then symmetric diffeomorphic "
+                        "(SyN) registration for the pre-operative scan, estimated on copies block-averaged to about "
+                        "2 mm within the post-operative brain box (metric restricted to the brain mask) and applied "
+                        "once at full resolution; the pre-operative tumour mask followed with nearest-neighbour "
+                        "interpolation")
 
 
 @dataclass(frozen=True)

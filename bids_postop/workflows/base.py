@@ -71,7 +71,9 @@ def init_participant_wf(
 
     channels_wf = init_channels_wf(roles=used, brain_method=brain_method, brain_model=brain_model, device=device,
                                    omp_nthreads=omp_nthreads)
-    figures = pe.Node(ReportFigures(), name="figures", mem_gb=1)
+    # the report's figures in two nodes: the registration checks need no segmentation and run beside it
+    figures = pe.Node(ReportFigures(part="residual"), name="figures", mem_gb=1)
+    registration_figures = pe.Node(ReportFigures(part="registration"), name="registration_figures", mem_gb=1)
     segment = pe.Node(Segment(model_folder=str(card.folder), model_digest=model.digest, device=device,
                               threads=omp_nthreads,
                               use_mirroring=use_mirroring, trust_checkpoint=trust_checkpoint,
@@ -90,11 +92,11 @@ def init_participant_wf(
         (inputnode, channels_wf, [(f"{role}", f"inputnode.{role}") for role in used]),
         *[(node, segment, [(field, role)]) for (node, field), role in zip(segment_sources, used, strict=True)],
         (channels_wf, segment, [("outputnode.brain_mask", "brain_mask")]),
-        (channels_wf, figures, [(f"outputnode.{role}_registered", role) for role in used
+        (channels_wf, registration_figures, [(f"outputnode.{role}_registered", role) for role in used
                                 if role in REGISTRATION_KIND]),
     ])
     if "preop_mask" in used:
-        workflow.connect(channels_wf, "outputnode.preop_mask", figures, "preop_mask")
+        workflow.connect(channels_wf, "outputnode.preop_mask", registration_figures, "preop_mask")
 
     postprocess = pe.Node(PostProcess(threshold=card.threshold, min_component_voxels=min_component_voxels,
                                       gtr_cutoff_ml=gtr_cutoff_ml, gtr_inclusive=gtr_inclusive),
@@ -130,6 +132,9 @@ def init_participant_wf(
         (segment, figures, [("out_file", "probseg")]),
         (channels_wf, figures, [("outputnode.brain_mask", "brain_mask")]),
         (figures, diameters, [("figures", "figures")]),
+        (registration_figures, diameters, [("figures", "more_figures")]),
+        (inputnode, registration_figures, [("postop_t1ce", "t1ce")]),
+        (channels_wf, registration_figures, [("outputnode.brain_mask", "brain_mask")]),
         (inputnode, diameters, [("postop_t1ce", "t1ce")]),
         (postprocess, diameters, [("measures", "measures")]),
         (diameters, ds_report, [("figures", "figures")]),
