@@ -64,7 +64,8 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
                            timeout=1200)
     assert clean.returncode == 0, clean.stderr[-3000:]
     a, b = results(out), results(clean_out)
-    assert a.keys() == b.keys() and len(a) == 4
+    # brain mask, tumour mask, probability map, its uncertainty map, measures
+    assert a.keys() == b.keys() and len(a) == 5
     for name in a:
         if name.endswith("_probseg.nii.gz"):
             np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
