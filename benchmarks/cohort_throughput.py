@@ -3,8 +3,11 @@ participant (the loop of earlier versions), same machine state, back to back. On
 
     python benchmarks/cohort_throughput.py --workdir /tmp/cohort --participants 6 --nprocs 2
 
-For each mode: wall time, CPU seconds of the run's processes (children included) and CPU utilisation over the
-run (CPU seconds / wall / nprocs). Each mode starts from an empty work folder. Writes <workdir>/cohort.json.
+For each mode: wall time, CPU seconds and CPU utilisation over the run (CPU seconds / wall / nprocs). CPU seconds
+are the machine's busy time from /proc/stat (all cores, user + nice + system + irq + softirq) over the run:
+nipype's worker pools are not reaped into the parent's rusage (getrusage(RUSAGE_CHILDREN) saw 5-8 CPU-s for
+runs that kept both cores busy), so run this on an otherwise idle machine; the load before and after is
+recorded. Each mode starts from an empty work folder. Writes <workdir>/cohort.json.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -22,13 +24,18 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
-def timed(command: list[str]) -> tuple[float, float]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (first line of /proc/stat, all cores)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = (fields + [0] * 7)[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(command: list[str]) -> tuple[float, float, int]:
+    busy = busy_seconds()
     start = time.monotonic()
-    subprocess.run(command, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.monotonic() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    rc = subprocess.run(command, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    return time.monotonic() - start, busy_seconds() - busy, rc
 
 
 def main() -> int:
@@ -51,17 +58,21 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
         if mode == "cohort":
-            wall, cpu = timed([str(BIN / "bids_postop"), str(bids), str(out), "participant", "-w", str(scratch),
+            wall, cpu, rc = timed([str(BIN / "bids_postop"), str(bids), str(out), "participant", "-w", str(scratch),
                                *common])
         else:  # one graph per participant, one after another in one process (what earlier versions did)
             loop = ("import sys\nfrom bids_postop.cli.run import main\n"
                     f"for label in {labels!r}:\n"
                     f"    main([{str(bids)!r}, {str(out)!r}, 'participant', '--participant-label', label, '-w', "
                     f"{str(scratch)!r} + '/' + label, *{common!r}])\n")
-            wall, cpu = timed([sys.executable, "-c", loop])
+            wall, cpu, rc = timed([sys.executable, "-c", loop])
+        finished = len(list(out.glob("sub-*/ses-*/*_measures.tsv")))
         results[mode] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-                         "cpu_utilisation": round(cpu / wall / args.nprocs, 3)}
+                         "cpu_utilisation": round(cpu / wall / args.nprocs, 3), "exit_code": rc,
+                         "participants_finished": finished}
         print(mode, results[mode], flush=True)
+    if any(results[m]["participants_finished"] != len(labels) for m in ("sequential", "cohort")):
+        print("not every participant finished: the timings are not comparable", file=sys.stderr)
     results["cohort_over_sequential_wall"] = round(results["cohort"]["wall_s"] / results["sequential"]["wall_s"], 3)
     results["load_after"] = os.getloadavg()[0]
     (work / "cohort.json").write_text(json.dumps(results, indent=2))
