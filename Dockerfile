@@ -1,7 +1,11 @@
 # syntax=docker/dockerfile:1
-# bids_postop BIDS app. GPU build (default): CUDA-enabled torch wheels and onnxruntime-gpu. CPU-only build
-# (CPU torch, hence the CPU onnxruntime the package depends on):
-#   docker build --build-arg TORCH_SPEC="torch==2.13.0" -t bids_postop:cpu .
+# bids_postop BIDS app. GPU build (default): PyPI's torch, which for x86_64 is the CUDA build (it runs on CPUs
+# too), and onnxruntime-gpu. CPU-only build (CPU torch from PyTorch's own index: PyPI has none for x86_64, hence
+# the CPU onnxruntime the package depends on; ~5 GB smaller):
+#   docker build --build-arg TORCH_SPEC="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu" -t bids_postop:cpu .
+# TORCH_SPEC is always a torch + torchvision pair; the pair installed first is kept (a constraint for the
+# package's own install): left to pip, nnU-Net's dependency chain replaces a CPU torch with PyPI's CUDA build
+# (measured: TORCH_SPEC="torch==2.13.0" silently gave torch 2.14.1+CUDA and an 8.5 GB image).
 # Published models baked into the image (catalogue names, space-separated; fetched at build time with
 # md5 verification into BIDS_POSTOP_HOME, readable by any UID); default: none, fetch at run time:
 #   docker build --build-arg BIDS_POSTOP_MODELS="MRI_GBM_Postop_FV_2p MRI_Brain" -t bids_postop:models .
@@ -13,14 +17,17 @@ ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
 # installed instead of onnxruntime when TORCH_SPEC gives a CUDA torch build (the GPU variant)
 ARG ONNXRUNTIME_GPU_SPEC="onnxruntime-gpu==1.31.1"
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY bids_postop ./bids_postop
 COPY scripts ./scripts
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/python -m pip install ${TORCH_SPEC} \
-    && /opt/venv/bin/python -m pip install /src \
+    && /opt/venv/bin/python -m pip list --format=freeze | grep -E '^(torch|torchvision)==' >/tmp/torch-pair.txt \
+    && /opt/venv/bin/python -m pip install -c /tmp/torch-pair.txt /src \
     && /opt/venv/bin/python -m pip check \
+    && /opt/venv/bin/python -c "import torch, torchvision.ops; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" \
     && if /opt/venv/bin/python -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then \
          /opt/venv/bin/python -m pip uninstall -y onnxruntime \
          && /opt/venv/bin/python -m pip install "${ONNXRUNTIME_GPU_SPEC}" \

@@ -2,8 +2,10 @@
 # Build the Docker image with buildah (no Docker daemon needed) and prove it works:
 #   1. the base image python:3.11.7-slim-bookworm, made from Debian packages with debootstrap when no registry
 #      image is available (this machine's pip configuration copied in, so pip inside reaches the same indexes);
-#   2. `buildah bud` of ./Dockerfile (CPU variant by default: TORCH_SPEC="torch==2.13.0"; --gpu: the default
-#      GPU build), with the revision and date as OCI labels;
+#   2. `buildah bud` of ./Dockerfile, with the revision and date as OCI labels: by default the Dockerfile's own
+#      build (PyPI's torch, the CUDA build for x86_64, and onnxruntime-gpu: the image runs on CPUs too); --cpu: the
+#      CPU-only build (torch from PyTorch's CPU index, which must be reachable), checked to hold no CUDA torch;
+#      then the torch build, CUDA version and onnxruntime providers inside the image are printed;
 #   3. `bids_postop --version`, then the demo as a non-root UID (1000) with a bind-mounted output folder;
 #   4. one participant of the demo through the image's ENTRYPOINT, exactly as
 #      `docker run IMAGE /data /out participant …` would run it;
@@ -11,20 +13,22 @@
 #      host's: same masks (Dice >= 0.99) and residual volumes within 0.01 ml.
 # Prints build time, image size and the comparison; exits non-zero on any failure.
 #
-# Usage: scripts/container_check.sh [--gpu] [--keep]     (as root; needs apt-get for buildah and debootstrap)
+# Usage: scripts/container_check.sh [--cpu] [--keep]     (as root; needs apt-get for buildah and debootstrap)
 # Environment: BIDS_POSTOP_CONTAINER_DIR (work folder, default /var/tmp/bids_postop_container).
-# Disk: vfs storage copies every layer: ~15 GB free for the CPU variant, ~30 GB for the GPU one. Without
+# Disk: vfs storage copies every layer: ~30 GB free for the default build (~15 GB for --cpu). Without
 # --keep, the built image and containers are removed at the end (the base image is kept for the next run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-VARIANT=cpu
+VARIANT=default
 KEEP=0
+CPU_TORCH_SPEC="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu"
 for arg in "$@"; do
     case $arg in
-        --gpu) VARIANT=gpu ;;
+        --cpu) VARIANT=cpu ;;
+        --gpu) VARIANT=default ;;  # the default build is the GPU-capable one (kept for older instructions)
         --keep) KEEP=1 ;;
-        *) echo "usage: $0 [--gpu] [--keep]" >&2; exit 64 ;;
+        *) echo "usage: $0 [--cpu] [--keep]" >&2; exit 64 ;;
     esac
 done
 say() { echo "container_check: $*" >&2; }
@@ -86,7 +90,7 @@ fi
 # --- 2. build --------------------------------------------------------------------------------------------------
 BUILD_ARGS=(--build-arg "VCS_REF=$(git rev-parse HEAD 2>/dev/null || echo unknown)"
             --build-arg "BUILD_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)")
-[[ $VARIANT == cpu ]] && BUILD_ARGS+=(--build-arg "TORCH_SPEC=torch==2.13.0")
+[[ $VARIANT == cpu ]] && BUILD_ARGS+=(--build-arg "TORCH_SPEC=$CPU_TORCH_SPEC")
 VOLUMES=()
 for f in "${PIP_FILES[@]}"; do [[ -d $f ]] && VOLUMES+=(-v "$f:$f:ro"); done
 say "building $TAG (buildah bud, $VARIANT variant)"
@@ -109,6 +113,13 @@ cleanup() {
 }
 trap cleanup EXIT
 buildah run --isolation chroot "$c" -- bids_postop --version
+TORCH_INFO=$(buildah run --isolation chroot "$c" -- python -c "import onnxruntime as o, torch, torchvision
+print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), torchvision {torchvision.__version__}, '
+      f'onnxruntime providers {o.get_available_providers()}')")
+say "image holds $TORCH_INFO"
+if [[ $VARIANT == cpu && $TORCH_INFO != *"(CUDA None)"* ]]; then
+    say "the --cpu image holds a CUDA torch build"; exit 1
+fi
 t0=$(date +%s)
 buildah run --isolation chroot --user 1000:1000 -v "$OUT/container:/out" "$c" -- \
     bids_postop-demo /out/demo --nprocs 2 --device cpu | tee "$STATE/demo.log"
@@ -152,4 +163,4 @@ for measures in sorted(host.glob("sub-*/ses-*/*_measures.json")):
         print(f"{measures.name} {other}: Dice {dice:.4f}, |dV| {dv:.4f} ml -> {'same' if ok else 'DIFFERENT'}")
 sys.exit(1 if failed else 0)
 EOF
-say "PASS: $TAG built in ${BUILD_S} s (${SIZE}); demo as UID 1000 in ${DEMO_S} s; ENTRYPOINT run and host agree"
+say "PASS: $TAG built in ${BUILD_S} s (${SIZE}; $TORCH_INFO); demo as UID 1000 in ${DEMO_S} s; ENTRYPOINT run and host agree"

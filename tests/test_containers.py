@@ -29,6 +29,11 @@ def test_dockerfile_and_singularity_agree_with_the_package():
     torch_docker = re.search(r'ARG TORCH_SPEC="([^"]+)"', docker).group(1)
     torch_install = re.search(r'TORCH_SPEC=\$\{TORCH_SPEC:-"([^"]+)"\}', install).group(1)
     assert torch_docker == torch_install, "the image must install the torch build CI tests with"
+    # as install.sh: the torch pair installed first is a constraint of the package's install (else pip swaps a
+    # CPU torch for PyPI's CUDA build), and a mismatched torchvision fails the build, not the first run
+    assert re.search(r"pip list --format=freeze \| grep -E '\^\(torch\|torchvision\)==' >(\S+).*"
+                     r"pip install -c \1 /src", docker, re.S)
+    assert "import torch, torchvision.ops" in docker
     from spython.main.parse import parsers as spython  # test extra
     recipe = spython.SingularityParser(str(REPO / "Singularity.def")).recipe["spython-base"]
     assert recipe.fromHeader == f"bids_postop:{__version__}"
