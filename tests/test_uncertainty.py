@@ -71,7 +71,7 @@ def test_gtr_inclusive_moves_exactly_the_cut_off():
     assert code.member_calls == ("GTR", "RT") and code.review_flag is True and code.rt_fraction_members == 0.5
 
 
-def test_map_and_score_are_the_member_std_inside_the_union_of_residuals():
+def test_map_is_the_member_std_and_score_one_minus_their_soft_agreement_inside_the_union():
     rng = np.random.default_rng(0)
     members = []
     for shift in (0, 1, 3):
@@ -85,7 +85,11 @@ def test_map_and_score_are_the_member_std_inside_the_union_of_residuals():
     stack = np.stack(members).astype(np.float64)
     np.testing.assert_allclose(std, stack.std(axis=0), atol=2e-6)  # float32 Welford vs float64 two-pass
     union = (stack >= 0.5).any(axis=0)
-    assert result.uncertainty_score == pytest.approx(stack.std(axis=0)[union].mean(), abs=1e-5)
+    # pairwise inner products of the members inside the union, written out (not the mean/variance shortcut)
+    inner = [[float((stack[i][union] * stack[j][union]).sum()) for j in range(3)] for i in range(3)]
+    pairs = sum(inner[i][j] for i in range(3) for j in range(3) if i != j)
+    agreement = pairs / (2 * sum(inner[i][i] for i in range(3)))  # (n - 1) = 2
+    assert result.uncertainty_score == pytest.approx(1 - agreement, abs=1e-5)
     assert 0 < result.uncertainty_score < 0.5
     assert result.member_names == ("a", "b", "c") and result.members_kind == "mirrored passes"
     assert result.notes  # mirrored passes are not independent models: said in the output
@@ -176,3 +180,27 @@ def test_score_threshold_from_the_model_card(tmp_path, section, expected):
             score_threshold(card)
     else:
         assert score_threshold(card) == expected
+
+
+def test_score_of_two_members_is_one_minus_their_soft_dice_and_does_not_depend_on_size():
+    def box(size: int, shift: int, value: float) -> np.ndarray:
+        p = np.zeros((40, 40, 40), np.float32)
+        p[2 + shift:2 + shift + size, 2:2 + size, 2:2 + size] = value
+        return p
+
+    for size in (4, 8, 16):  # the same relative disagreement at three sizes: the same score
+        a, b = box(size, 0, 0.9), box(size, size // 4, 0.9)
+        _, result = assess_members([a, b], (a + b) / 2, AFFINE, kind="folds", threshold=0.5, min_component_voxels=1)
+        soft_dice = 2 * float((a * b).sum()) / float((a * a).sum() + (b * b).sum())
+        assert result.uncertainty_score == pytest.approx(1 - soft_dice, abs=1e-6)
+        assert result.uncertainty_score == pytest.approx(0.25, abs=1e-6)
+    a, b = box(6, 0, 1.0), box(6, 10, 1.0)  # disjoint residuals: complete disagreement
+    _, disjoint = assess_members([a, b], (a + b) / 2, AFFINE, kind="folds", threshold=0.5, min_component_voxels=1)
+    assert disjoint.uncertainty_score == pytest.approx(1.0)
+    # one member draws the residual twice as large as the other, each confident: high, unlike a small shift
+    a, b = box(8, 0, 0.95), box(8, 0, 0.95)
+    b[2:18, 2:10, 2:10] = 0.95
+    _, larger = assess_members([a, b], (a + b) / 2, AFFINE, kind="folds", threshold=0.5, min_component_voxels=1)
+    a, b = box(8, 0, 0.95), box(8, 1, 0.95)
+    _, shifted = assess_members([a, b], (a + b) / 2, AFFINE, kind="folds", threshold=0.5, min_component_voxels=1)
+    assert larger.uncertainty_score > 2 * shifted.uncertainty_score

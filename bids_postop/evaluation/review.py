@@ -51,11 +51,16 @@ def review_rows(patients: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 else None
 
         score_auc = auroc([float(r["uncertainty_score"]) for r in scored], [is_bad(r) for r in scored])
+        # the same among reference-positive patients only: there "bad" is a missed residual or Dice < 0.5, while
+        # over everyone a correct GTR call with a doubtful speck counts as good however unsure its members are
+        positive = [r for r in scored if r.get("in_P")]
+        positive_auc = auroc([float(r["uncertainty_score"]) for r in positive], [is_bad(r) for r in positive])
         out.append({"source": source, "n_evaluated": len(rows), "n_flag_known": len(known),
                     "n_flagged": len(flagged), "n_unflagged": len(unflagged),
                     "wrong_call_rate_flagged": wrong(flagged), "wrong_call_rate_unflagged": wrong(unflagged),
                     "bad_rate_flagged": rate(flagged), "bad_rate_unflagged": rate(unflagged),
                     "n_bad": sum(is_bad(r) for r in rows), "n_scored": len(scored), "auroc_score_bad": score_auc,
+                    "n_positive_scored": len(positive), "auroc_score_bad_positive": positive_auc,
                     "auroc_reason": None if score_auc is not None else
                     ("no uncertainty score (models without members)" if not scored
                      else "needs both bad and good patients")})

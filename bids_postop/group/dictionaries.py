@@ -91,6 +91,9 @@ def review() -> dict[str, dict]:
             "bad_rate_unflagged": d(f"Share of unflagged patients with {bad}"),
             "n_bad": d(f"Patients with {bad}"), "n_scored": d("Patients with an uncertainty score"),
             "auroc_score_bad": d(f"AUROC of the uncertainty score for {bad} (0.5: no separation)"),
+            "n_positive_scored": d("Reference-positive patients (residual tumour in the reference) with a score"),
+            "auroc_score_bad_positive": d("The same AUROC among reference-positive patients only (bad: a missed "
+                                          "residual or Dice < 0.5); n/a without both bad and good ones"),
             "auroc_reason": d("Why the AUROC is n/a")}
 
 
