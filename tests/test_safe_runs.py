@@ -447,14 +447,15 @@ def test_group_level_measures_whether_the_review_flag_finds_the_wrong_calls(tmp_
     assert float(row["bad_rate_flagged"]) == pytest.approx(sum(bad[k] for k in flagged) / 2)
     assert float(row["bad_rate_unflagged"]) == pytest.approx(sum(bad[k] for k in unflagged) / 4)
     assert float(row["wrong_call_rate_flagged"]) == pytest.approx(0.5)
-    pairs = [(cases[b][3], cases[g][3]) for b in bad if bad[b] for g in bad if not bad[g]]
-    by_hand = sum(1.0 if sb > sg else 0.5 if sb == sg else 0.0 for sb, sg in pairs) / len(pairs)
-    assert float(row["auroc_score_bad"]) == pytest.approx(by_hand)
+    def by_hand(patients) -> float:  # every (bad, good) pair of scores: 1 when bad is higher, 1/2 on a tie
+        pairs = [(cases[b][3], cases[g][3]) for b in patients if bad[b] for g in patients if not bad[g]]
+        return sum(1.0 if sb > sg else 0.5 if sb == sg else 0.0 for sb, sg in pairs) / len(pairs)
+
+    assert float(row["auroc_score_bad"]) == pytest.approx(by_hand(bad))
     # among reference-positive patients only (true >= 175 voxels: 01, 03, 04, 05; bad 03 and 05)
     positive = [k for k, c in cases.items() if c[1] >= 175]
-    pairs = [(cases[b][3], cases[g][3]) for b in positive if bad[b] for g in positive if not bad[g]]
-    by_hand = sum(1.0 if sb > sg else 0.5 if sb == sg else 0.0 for sb, sg in pairs) / len(pairs)
-    assert int(row["n_positive_scored"]) == 4 and float(row["auroc_score_bad_positive"]) == pytest.approx(by_hand)
+    assert int(row["n_positive_scored"]) == 4 and float(row["auroc_score_bad_positive"]) == pytest.approx(
+        by_hand(positive))
     # the output, group level included, is a valid BIDS derivatives dataset
     from conftest import require_tool
 

@@ -167,11 +167,11 @@ def _soft_disagreement(mean: np.ndarray, variance: np.ndarray, region: np.ndarra
     region or members that are all zero there."""
     if not region.any():
         return 0.0
-    var = variance[region].astype(np.float64)
-    total = float(var.sum() + np.square(mean[region], dtype=np.float64).sum())
+    spread = float(variance[region].sum(dtype=np.float64))
+    total = spread + float(np.square(mean[region], dtype=np.float64).sum())
     if total <= 0.0:
         return 0.0
-    return float(min(1.0, n / (n - 1) * float(var.sum()) / total))
+    return min(1.0, n / (n - 1) * spread / total)
 
 
 def assess_members(members: Iterable[np.ndarray], probability: np.ndarray, grid: Grid, *, kind: MemberKind,

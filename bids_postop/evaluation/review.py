@@ -50,11 +50,14 @@ def review_rows(patients: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             return sum(r.get("predicted_status") != r.get("true_status") for r in group) / len(group) if group \
                 else None
 
-        score_auc = auroc([float(r["uncertainty_score"]) for r in scored], [is_bad(r) for r in scored])
+        def score_auroc(group: list) -> float | None:
+            return auroc([float(r["uncertainty_score"]) for r in group], [is_bad(r) for r in group])
+
+        score_auc = score_auroc(scored)
         # the same among reference-positive patients only: there "bad" is a missed residual or Dice < 0.5, while
         # over everyone a correct GTR call with a doubtful speck counts as good however unsure its members are
         positive = [r for r in scored if r.get("in_P")]
-        positive_auc = auroc([float(r["uncertainty_score"]) for r in positive], [is_bad(r) for r in positive])
+        positive_auc = score_auroc(positive)
         out.append({"source": source, "n_evaluated": len(rows), "n_flag_known": len(known),
                     "n_flagged": len(flagged), "n_unflagged": len(unflagged),
                     "wrong_call_rate_flagged": wrong(flagged), "wrong_call_rate_unflagged": wrong(unflagged),
