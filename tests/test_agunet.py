@@ -336,6 +336,10 @@ def test_train_tiny_agunet_end_to_end(protocol):
     name = json.loads((bids / "dataset_description.json").read_text())["Name"]
     assert raw["training"]["dataset_name"] == name and f"on {name!r}" in raw["description"]
     assert raw["threshold_selection"]["rule"] == "dice_f1" and len(raw["threshold_selection"]["table"]) == 9
+    # the review section: per-fold thresholds; no mirror-score threshold (AGU-Net runs no test-time mirroring)
+    review = raw["uncertainty"]
+    assert set(review["members"]) == {"fold_0", "fold_1"} and review["score_threshold"] is None
+    assert "without a mirror score" in review["score_threshold_selection"]["how"]
     assert [p.parent.name for p in RM.model_files(model)] == ["fold_0", "fold_1"]
     assert [c.folder for c in resolve_models(model)] == [model]
     log = "\n".join(p.read_text() for p in (work / "logs").glob("*.log"))

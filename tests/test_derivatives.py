@@ -46,7 +46,7 @@ def test_summary_row_writes_n_a_for_unknowns_and_booleans_in_lower_case():
     assert tuple(header.split("\t")) == SUMMARY_COLUMNS
     assert header.split("\t")[9:13] == ["threshold", "gtr_cutoff_ml", "gtr_inclusive", "not_for_clinical_use"]
     assert row.split("\t") == ["sub-01", "n/a", "n/a", "n/a", "n/a", "0.2500", "RT", "n/a", "n/a", "0.5000",
-                                "0.1750", "false", "true", *["n/a"] * 7]
+                                "0.1750", "false", "true", *["n/a"] * 8]
 
 
 def test_dataset_description_is_kept_current_and_bidsignore_merged(tmp_path, monkeypatch):

@@ -392,6 +392,51 @@ def test_mirrored_passes_are_the_members_of_a_single_fold(card_b, demo_files):
     assert passes_gap > 0.05  # the passes really differ
 
 
+@pytest.mark.slow
+def test_mirror_scores_are_each_networks_mirrored_pass_disagreement(card_b, two_fold_model, demo_files):
+    """The review flag's mirror score (issue #20): for one network, 1 - the soft agreement of its unmirrored pass and
+    the flipped volume's pass flipped back, each run on its own by nnU-Net's sliding window without mirroring; for
+    a fold ensemble, each fold's score is the score that fold gives alone (what a validation participant gets from
+    its own fold), and asking for the scores changes neither the ensemble nor the members."""
+    from dataclasses import replace
+
+    import torch
+
+    from bids_postop.core.uncertainty import mirror_disagreement
+    from bids_postop.segmentation import nnunet_engines as E
+    from bids_postop.segmentation.nnunet import predict
+
+    predictor, data = _preprocessed(card_b, demo_files, True)
+    _, scored = E.predict_logits_and_members(predictor, data, 1, "torch", mirror_scores=True)
+    assert scored.kind == "none" and len(scored.mirror_scores) == 1
+    predictor.use_mirroring = False  # the cached predictor: put back below
+    try:
+        with torch.inference_mode():
+            alone = predictor.predict_sliding_window_return_logits(data).float()
+            flipped = torch.flip(predictor.predict_sliding_window_return_logits(torch.flip(data, [3])), [3]).float()
+    finally:
+        predictor.use_mirroring = True
+    by_hand = mirror_disagreement([torch.sigmoid(x[1] - x[0]).numpy() for x in (alone, flipped)])
+    print(f"mirror score {scored.mirror_scores[0]:.5f}, by hand {by_hand:.5f}")
+    assert 0.005 < by_hand < 0.9  # the passes differ, and agree mostly
+    assert scored.mirror_scores[0] == pytest.approx(by_hand, abs=2e-3)  # float16 accumulation of the window
+
+    options = NnUNetOptions(device="cpu", engine="torch")
+    plain = predict(two_fold_model, demo_files, options=options, keep_members=True)
+    with_scores = predict(two_fold_model, demo_files, options=replace(options, mirror_scores=True),
+                          keep_members=True, report=(report := {}))
+    np.testing.assert_array_equal(with_scores.probability, plain.probability)
+    for a, b in zip(plain.members, with_scores.members, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert plain.mirror_scores is None and report["mirror_scores"] == list(with_scores.mirror_scores)
+    for fold in (0, 1):
+        single = {}
+        predict_probability(two_fold_model, demo_files, options=replace(options, folds=(fold,), mirror_scores=True),
+                            report=single)
+        assert single["mirror_scores"] == pytest.approx([with_scores.mirror_scores[fold]], abs=1e-9)
+    assert with_scores.mirror_scores[0] != with_scores.mirror_scores[1]
+
+
 @pytest.mark.parametrize("codes", ["RAS", "LPS", "PIL", "SAR"])
 def test_members_box_in_the_stored_voxel_order(codes):
     """Members cover the stored grid's region that nnU-Net's (reader-order) crop maps to, whatever the orientation."""
@@ -445,7 +490,7 @@ def test_segment_node_writes_the_uncertainty_map_and_summary(tmp_path, two_fold_
     report: dict = {}
     expected = predict_probability(card, demo_files, options=FAST, report=report)
     np.testing.assert_array_equal(np.asanyarray(nib.load(full.out_file).dataobj), expected)
-    assert set(json.loads(open(full.run_info).read())) == {*report, "device"}
+    assert set(json.loads(open(full.run_info).read())) == {*report, "device", "mirror_scores"}
     uncertainty = nib.load(full.uncertainty)
     assert uncertainty.shape == reference.shape and np.allclose(uncertainty.affine, reference.affine)
     data = np.asanyarray(uncertainty.dataobj)
@@ -456,6 +501,7 @@ def test_segment_node_writes_the_uncertainty_map_and_summary(tmp_path, two_fold_
     assert summary["residual_volume_ml_min"] <= summary["residual_volume_ml_max"]
     assert summary["threshold"] == card.threshold and isinstance(summary["review_flag"], bool)
     assert summary["uncertainty_score"] > 0
+    assert summary["mirror_scores"] is None and summary["rules"]["score_above_threshold"] is None  # no mirroring
     print(json.dumps({k: summary[k] for k in ("member_volumes_ml", "rt_fraction_members", "uncertainty_score",
                                               "review_flag", "reasons")}))
     fast = results["fast"]
@@ -463,6 +509,32 @@ def test_segment_node_writes_the_uncertainty_map_and_summary(tmp_path, two_fold_
     summary = json.loads(open(fast.uncertainty_json).read())
     assert summary["members_kind"] == "none" and summary["review_flag"] is None
     assert summary["residual_volume_ml_min"] is None and summary["rt_fraction_members"] is None
+
+
+@pytest.mark.slow
+def test_segment_node_applies_the_cards_review_section(tmp_path, two_fold_model, demo_files):
+    """A card with a review section (as bids_postop-train writes it): each fold member post-processed at its own
+    threshold, a non-voting fold named, each fold's mirror score computed and compared with the card's threshold."""
+    import json
+    import shutil
+
+    from bids_postop.interfaces.core import Segment
+
+    root = tmp_path / "B"
+    shutil.copytree(two_fold_model.folder, root)
+    card = json.loads((root / "bids_postop_model.json").read_text())
+    card["uncertainty"] = {"version": 1, "score": "mirror_score", "score_threshold": 0.0,
+                           "members": {"fold_0": {"threshold": 0.3, "votes": True},
+                                       "fold_1": {"threshold": 0.7, "votes": False}}}
+    (root / "bids_postop_model.json").write_text(json.dumps(card))
+    node = Segment(model_folder=str(root), device="cpu", threads=1, postop_t1ce=str(demo_files[0]),
+                   postop_t1=str(demo_files[1]), threshold=two_fold_model.threshold)
+    summary = json.loads(open(node.run(cwd=str(tmp_path)).outputs.uncertainty_json).read())
+    assert summary["member_thresholds"] == [0.3, 0.7] and summary["members_not_voting"] == ["fold_1"]
+    assert len(summary["mirror_scores"]) == 2 and summary["mirror_score"] == pytest.approx(
+        np.mean(summary["mirror_scores"]))
+    assert summary["rules"]["score_above_threshold"] is True and summary["review_flag"] is True
+    assert any("mirror score" in r for r in summary["reasons"])
 
 
 @pytest.mark.parametrize("source, target, current, new", [

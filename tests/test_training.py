@@ -52,6 +52,20 @@ def test_train_tiny_nnunet_configs_a_and_b(protocol, tmp_path):
     assert selection["rule"] == "dice_f1" and selection["threshold"] == card.threshold
     assert [r["threshold"] for r in selection["table"]] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
     assert {"dice_P", "recall", "specificity", "balanced_accuracy", "scores"} <= set(selection["table"][0])
+    # the review flag's section (issue #20): each fold's own threshold on its own validation participants, and
+    # every validation participant's mirror score from its own fold's network (mirrored passes of the --tiny
+    # network: left-right)
+    review = raw["uncertainty"]
+    assert review["version"] == 1 and review["score"] == "mirror_score" and set(review["members"]) == {"fold_0",
+                                                                                                      "fold_1"}
+    for member in review["members"].values():
+        assert member["threshold"] in [r["threshold"] for r in selection["table"]]
+        assert member["validation"]["n"] == 2 and isinstance(member["votes"], bool)
+    chosen = review["score_threshold_selection"]
+    scored = {v["participant_id"]: v["mirror_score"] for v in chosen.get("validation", [])}
+    assert set(scored) | set(chosen.get("left_out", [])) == set(selection["validation_participants"])
+    assert all(0 <= s <= 1 for s in scored.values()) and chosen["n"] == len(scored)
+    assert review["score_threshold"] is None or 0 <= review["score_threshold"] <= 1
     for fold in (0, 1):
         ck = torch.load(model / "nnunet" / f"fold_{fold}" / "checkpoint_final.pth", weights_only=True)
         assert "optimizer_state" not in ck and ck["trainer_name"] == "nnUNetTrainer"

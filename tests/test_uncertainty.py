@@ -24,24 +24,29 @@ def blob(n_voxels: int, value: float = 0.95, *, start: int = 2) -> np.ndarray:
     return p
 
 
-# name: (member voxel counts, ensemble voxel count, score threshold, expected flag, expected rules)
+# name: (member voxel counts, ensemble voxel count, score threshold, mirror scores, expected flag, expected rules)
 CASES = {
-    "members agree on RT": ([400, 420, 410], 410, None, False, (False, False, None)),
-    "members agree on GTR (nothing found)": ([0, 0], 0, None, False, (False, False, None)),
-    "members disagree": ([100, 300], 200, None, True, (True, True, None)),
-    "members agree, ensemble crosses": ([150, 160], 180, None, True, (False, True, None)),
-    "agree, score above threshold": ([400, 420, 410], 410, 0.001, True, (False, False, True)),
-    "agree, score below threshold": ([400, 420, 410], 410, 0.4, False, (False, False, False)),
-    "at the cut-off exactly (RT by default)": ([175, 175], 175, None, False, (False, False, None)),
+    "members agree on RT": ([400, 420, 410], 410, None, None, False, (False, False, None)),
+    "members agree on GTR (nothing found)": ([0, 0], 0, None, None, False, (False, False, None)),
+    "members disagree": ([100, 300], 200, None, None, True, (True, True, None)),
+    "members agree, ensemble crosses": ([150, 160], 180, None, None, True, (False, True, None)),
+    "agree, mirror score above threshold": ([400, 420, 410], 410, 0.15, (0.3, 0.1, 0.2), True, (False, False, True)),
+    "agree, mirror score below threshold": ([400, 420, 410], 410, 0.25, (0.3, 0.1, 0.2), False,
+                                            (False, False, False)),
+    "agree, mirror score equal to the threshold": ([400, 420, 410], 410, 0.2, (0.2, 0.2), False,
+                                                   (False, False, False)),
+    "threshold but no mirror score (no mirroring)": ([400, 420, 410], 410, 0.001, None, False,
+                                                     (False, False, None)),
+    "at the cut-off exactly (RT by default)": ([175, 175], 175, None, None, False, (False, False, None)),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_review_flag_rules(name):
-    counts, ensemble, limit, flag, rules = CASES[name]
+    counts, ensemble, limit, mirror, flag, rules = CASES[name]
     members = [blob(n) for n in counts]
     std, result = assess_members(members, blob(ensemble), AFFINE, kind="folds", threshold=0.5,
-                                 min_component_voxels=1, score_threshold=limit)
+                                 min_component_voxels=1, score_threshold=limit, mirror_scores=mirror)
     assert result.review_flag is flag, result.reasons
     assert (result.rules["members_disagree"], result.rules["interval_crosses_cutoff"],
             result.rules["score_above_threshold"]) == rules
@@ -52,10 +57,12 @@ def test_review_flag_rules(name):
     assert result.rt_fraction_members == n_rt / len(counts)
     assert result.member_calls == tuple("RT" if n >= 175 else "GTR" for n in counts)
     assert result.ensemble_call == ("RT" if ensemble >= 175 else "GTR")
+    assert result.mirror_score == (None if mirror is None else pytest.approx(np.mean(mirror)))
     if limit is None:
         assert any("no score threshold" in r for r in result.reasons)
     else:
         assert not any("no score threshold" in r for r in result.reasons)
+        assert any("no mirror score" in r for r in result.reasons) is (mirror is None)
     if flag:  # every rule that fired is explained
         fired = [k for k, v in result.rules.items() if v]
         assert len([r for r in result.reasons if "no score threshold" not in r]) == len(fired)
@@ -98,7 +105,7 @@ def test_map_is_the_member_std_and_score_one_minus_their_soft_agreement_inside_t
 def test_identical_members_give_zero_uncertainty():
     member = blob(300, 0.8)
     std, result = assess_members([member, member.copy(), member.copy()], member, AFFINE, kind="folds", threshold=0.5,
-                                 min_component_voxels=1, score_threshold=0.0)
+                                 min_component_voxels=1, score_threshold=0.0, mirror_scores=[0.0, 0.0, 0.0])
     assert std.max() == 0.0 and result.uncertainty_score == 0.0
     assert result.review_flag is False and result.rules["score_above_threshold"] is False  # "exceeds": strictly
 
@@ -150,9 +157,15 @@ def test_to_dict_is_json_ready():
     (lambda: assess_members([blob(10)] * 2, blob(10), AFFINE, kind="folds", threshold=0.5, names=["a"]), "names"),
     (lambda: assess_members([blob(10)] * 2, blob(10), AFFINE, kind="bootstrap", threshold=0.5), "one of"),
     (lambda: assess_members([blob(10)] * 2, blob(10), AFFINE, kind="folds", threshold=0.5, score_threshold=-1),
-     ">= 0"),
+     "from 0 to 1"),
     (lambda: assess_members([blob(10)] * 2, blob(10), AFFINE, kind="folds", threshold=0.5,
-                            score_threshold=float("nan")), ">= 0"),
+                            score_threshold=float("nan")), "from 0 to 1"),
+    (lambda: assess_members([blob(10)] * 2, blob(10), AFFINE, kind="folds", threshold=0.5, score_threshold=1.5),
+     "from 0 to 1"),
+    (lambda: assess_members([blob(10)] * 2, blob(10), AFFINE, kind="folds", threshold=0.5,
+                            member_thresholds=[0.5]), "member thresholds"),
+    (lambda: assess_members([blob(10)] * 2, blob(10), AFFINE, kind="folds", threshold=0.5,
+                            voting=[False, False]), "no member votes"),
 ])
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
@@ -162,7 +175,9 @@ def test_bad_arguments_are_refused(call, message):
 
 @pytest.mark.parametrize("section, expected", [(None, None), ({}, None), ({"score_threshold": 0.08}, 0.08),
                                                ({"score_threshold": "high"}, "ModelError"),
-                                               ({"score_threshold": -0.1}, "ModelError"), ("0.1", "ModelError")])
+                                               ({"score_threshold": -0.1}, "ModelError"), ("0.1", "ModelError"),
+                                               ({"members": {"fold_0": {"threshold": 1.2}}}, "ModelError"),
+                                               ({"members": ["fold_0"]}, "ModelError")])
 def test_score_threshold_from_the_model_card(tmp_path, section, expected):
     import dataclasses
 
@@ -204,3 +219,51 @@ def test_score_of_two_members_is_one_minus_their_soft_dice_and_does_not_depend_o
     a, b = box(8, 0, 0.95), box(8, 1, 0.95)
     _, shifted = assess_members([a, b], (a + b) / 2, AFFINE, kind="folds", threshold=0.5, min_component_voxels=1)
     assert larger.uncertainty_score > 2 * shifted.uncertainty_score
+
+
+def test_member_thresholds_and_votes_change_only_what_they_should():
+    """A fold whose probabilities run low: at the ensemble's threshold it calls GTR and flags the patient; at its own
+    threshold it agrees. A fold kept out of the vote changes rules 1 and 2, not the volumes, the map or the score."""
+    confident, timid = blob(400, 0.95), blob(400, 0.6)
+    _, shared = assess_members([confident, timid], (confident + timid) / 2, AFFINE, kind="folds", threshold=0.7,
+                               min_component_voxels=1)
+    assert shared.member_calls == ("RT", "GTR") and shared.review_flag is True
+    _, own = assess_members([confident, timid], (confident + timid) / 2, AFFINE, kind="folds", threshold=0.7,
+                            min_component_voxels=1, member_thresholds=[0.7, 0.5])
+    assert own.member_calls == ("RT", "RT") and own.review_flag is False and own.member_thresholds == (0.7, 0.5)
+    dead = np.zeros(SHAPE, np.float32)
+    members = [confident, confident.copy(), dead]
+    std_all, voting_all = assess_members(members, np.mean(members, axis=0), AFFINE, kind="folds", threshold=0.5,
+                                         min_component_voxels=1, names=["fold_0", "fold_1", "fold_2"])
+    std_two, voting_two = assess_members(members, np.mean(members, axis=0), AFFINE, kind="folds", threshold=0.5,
+                                         min_component_voxels=1, names=["fold_0", "fold_1", "fold_2"],
+                                         voting=[True, True, False])
+    assert voting_all.review_flag is True and voting_all.rules["members_disagree"] is True
+    assert voting_two.review_flag is False and voting_two.members_not_voting == ("fold_2",)
+    assert voting_two.member_volumes_ml == voting_all.member_volumes_ml
+    assert voting_two.rt_fraction_members == voting_all.rt_fraction_members == 2 / 3
+    assert voting_two.uncertainty_score == voting_all.uncertainty_score
+    np.testing.assert_array_equal(std_two, std_all)
+    assert any("fold_2" in note for note in voting_two.notes)
+    _, scored = assess_members(members, np.mean(members, axis=0), AFFINE, kind="folds", threshold=0.5,
+                               min_component_voxels=1, voting=[True, True, False], mirror_scores=[0.1, 0.2, 0.0])
+    assert scored.mirror_score == pytest.approx(0.15) and scored.mirror_scores == (0.1, 0.2, 0.0)  # voting networks
+
+
+def test_mirror_disagreement_is_one_minus_soft_agreement_over_the_passes_region():
+    from bids_postop.core.uncertainty import mirror_disagreement
+
+    rng = np.random.default_rng(5)
+    passes = []
+    for shift in (0, 2):
+        p = 0.3 * rng.random(SHAPE, dtype=np.float32)  # below 0.5 everywhere: outside the region
+        p[4 + shift:12 + shift, 5:12, 6:13] = 0.6 + 0.4 * rng.random((8, 7, 7), dtype=np.float32)
+        passes.append(p)
+    region = (np.stack(passes) >= 0.5).any(axis=0)
+    a, b = (p[region].astype(np.float64) for p in passes)
+    soft_dice = 2 * float((a * b).sum()) / float((a * a).sum() + (b * b).sum())
+    assert mirror_disagreement(passes) == pytest.approx(1 - soft_dice, abs=1e-9)
+    assert mirror_disagreement([passes[0], passes[0].copy()]) == 0.0
+    assert mirror_disagreement([np.full(SHAPE, 0.2, np.float32)] * 2) == 0.0  # nothing reaches 0.5: no region
+    with pytest.raises(ValueError, match="at least 2"):
+        mirror_disagreement(passes[:1])

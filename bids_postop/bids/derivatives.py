@@ -31,7 +31,7 @@ SUMMARY_COLUMNS = ("participant_id", "session_id", "site", "config", "model", "r
                    "resection_status", "preop_volume_ml", "eor_percent", "threshold", "gtr_cutoff_ml",
                    "gtr_inclusive", "not_for_clinical_use", "rano_resect_class", "measurable_lesions",
                    "sum_bidimensional_mm2", "review_flag", "rt_fraction_members", "residual_volume_ml_min",
-                   "residual_volume_ml_max")
+                   "residual_volume_ml_max", "mirror_score")
 MISSING = "n/a"  # BIDS: a missing TSV value is n/a, never an empty cell
 COLUMN_DEFINITIONS = {
     "participant_id": "participant (sub-<label>)",
@@ -56,7 +56,10 @@ COLUMN_DEFINITIONS = {
     "sum_bidimensional_mm2": "sum of the products of perpendicular axial diameters over the (at most 5) largest "
                              "measurable components, mm^2; 0 when none is measurable",
     "review_flag": "true when the model's members disagree on GTR/RT, their volume range crosses the cut-off, or "
-                   "the uncertainty score exceeds its threshold: check this patient; n/a when nothing varies",
+                   "the mirror score exceeds the threshold chosen on validation folds: check this patient; n/a when "
+                   "nothing varies",
+    "mirror_score": "1 - agreement of each network's mirrored test-time passes (0: they agree, 1: disjoint), mean "
+                    "over the model's networks; n/a without test-time mirroring (docs/uncertainty.md)",
     "rt_fraction_members": "share of the model's members (folds, or mirrored test-time passes) that call RT",
     "residual_volume_ml_min": "smallest residual volume among the model's members, ml",
     "residual_volume_ml_max": "largest residual volume among the model's members, ml",
@@ -360,7 +363,7 @@ def write_session_outputs(
            "site": site, "config": configuration, "model": model.get("name"), **measures,
            "gtr_inclusive": bool(inclusive), "not_for_clinical_use": not_clinical,
            **{key: spread.get(key) for key in ("review_flag", "rt_fraction_members", "residual_volume_ml_min",
-                                               "residual_volume_ml_max")}}
+                                               "residual_volume_ml_max", "mirror_score")}}
     atomic_write_text(outputs.measures_tsv, summary_row(row))
     atomic_write_json(outputs.measures_json, {
         "participant_id": row["participant_id"], "session_id": row["session_id"], "site": site,

@@ -215,8 +215,8 @@ def validation_cases(model_dir: Path, plan, cases, *, device: str, folds: Sequen
                 continue
             case = by_id[pid]
             files = [case.channels[r] for r in card.channels]
-            prob = predict_probability(card, files, options=NnUNetOptions(device=device, folds=(fold,)),
-                                       report=(ran := {}))
+            prob = predict_probability(card, files, options=NnUNetOptions(device=device, folds=(fold,),
+                                                                          mirror_scores=True), report=(ran := {}))
             truth = load_label(case.label, case.channels["postop_t1ce"])
             ref = load_3d(case.channels["postop_t1ce"])
             val_cases.append(ValidationCase(prob, truth, ref.affine, pid, fold, segmentation=ran))
@@ -302,6 +302,10 @@ def _model_up_to_date(model_dir: Path, data_hash: str, folds: list[int], expect:
     except (OSError, ValueError):
         return False
     if any(card.get(k) != v for k, v in (expect or {}).items()):
+        return False
+    from bids_postop.training.review import SECTION_VERSION
+
+    if (card.get("uncertainty") or {}).get("version") != SECTION_VERSION:  # cards from before the review section
         return False
     return (card.get("training", {}).get("data_hash") == data_hash and card["nnunet"]["folds"] == folds
             and all((model_dir / "nnunet" / f"fold_{k}" / "checkpoint_final.pth").is_file() for k in folds))
@@ -389,9 +393,13 @@ def train_configuration(config: str, args, cases, plan, command: str, participan
     val_cases = validation_cases(model_dir, plan, usable, device=device, folds=folds)
     thr = validation_threshold(val_cases, rule=args.threshold_rule)
     LOG.info("[%s] threshold %.2f (%s)", config, thr["threshold"], thr["how"])
+    from bids_postop.training.review import review_card_section
+
+    uncertainty = review_card_section(config, val_cases, threshold=thr["threshold"], rule=args.threshold_rule)
     write_card(model_dir, config=config, threshold=thr["threshold"], folds=folds, name=name, extra={
         "inference_patch_size": patch or training_patch,
         "threshold_selection": thr,
+        "uncertainty": uncertainty,
         "training": {
             "command": command, "date": _dt.date.today().isoformat(), "bids_dir": str(args.bids_dir),
             "dataset_name": bids_dataset_name(args.bids_dir), "data_hash": data_hash, "n_cases": len(usable),

@@ -50,14 +50,15 @@ def review_rows(patients: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             return sum(r.get("predicted_status") != r.get("true_status") for r in group) / len(group) if group \
                 else None
 
-        def score_auroc(group: list) -> float | None:
-            return auroc([float(r["uncertainty_score"]) for r in group], [is_bad(r) for r in group])
+        def score_auroc(group: list, key: str = "uncertainty_score") -> float | None:
+            return auroc([float(r[key]) for r in group], [is_bad(r) for r in group])
 
         score_auc = score_auroc(scored)
         # the same among reference-positive patients only: there "bad" is a missed residual or Dice < 0.5, while
         # over everyone a correct GTR call with a doubtful speck counts as good however unsure its members are
         positive = [r for r in scored if r.get("in_P")]
         positive_auc = score_auroc(positive)
+        mirrored = [r for r in rows if r.get("mirror_score") is not None]  # what the flag's threshold applies to
         out.append({"source": source, "n_evaluated": len(rows), "n_flag_known": len(known),
                     "n_flagged": len(flagged), "n_unflagged": len(unflagged),
                     "wrong_call_rate_flagged": wrong(flagged), "wrong_call_rate_unflagged": wrong(unflagged),
@@ -66,5 +67,9 @@ def review_rows(patients: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     "n_positive_scored": len(positive), "auroc_score_bad_positive": positive_auc,
                     "auroc_reason": None if score_auc is not None else
                     ("no uncertainty score (models without members)" if not scored
-                     else "needs both bad and good patients")})
+                     else "needs both bad and good patients"),
+                    "n_mirror_scored": len(mirrored),
+                    "auroc_mirror_score_bad": score_auroc(mirrored, "mirror_score"),
+                    "auroc_mirror_score_bad_positive": score_auroc([r for r in mirrored if r.get("in_P")],
+                                                                   "mirror_score")})
     return out

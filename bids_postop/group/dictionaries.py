@@ -9,7 +9,8 @@ from bids_postop.bids.derivatives import COLUMN_DEFINITIONS
 
 # participant-level columns passed through to group_summary.tsv (RANO measures, uncertainty)
 PARTICIPANT_EXTRA_COLUMNS = ("rano_resect_class", "measurable_lesions", "sum_bidimensional_mm2", "review_flag",
-                             "rt_fraction_members", "residual_volume_ml_min", "residual_volume_ml_max")
+                             "rt_fraction_members", "residual_volume_ml_min", "residual_volume_ml_max",
+                             "mirror_score")
 UNITS = {"sum_bidimensional_mm2": "mm^2", "residual_volume_ml_min": "ml", "residual_volume_ml_max": "ml"}
 
 EMPTY_CELL = "n/a means unknown or undefined (never averaged as 0); cells of older outputs may be empty."
@@ -94,7 +95,10 @@ def review() -> dict[str, dict]:
             "n_positive_scored": d("Reference-positive patients (residual tumour in the reference) with a score"),
             "auroc_score_bad_positive": d("The same AUROC among reference-positive patients only (bad: a missed "
                                           "residual or Dice < 0.5); n/a without both bad and good ones"),
-            "auroc_reason": d("Why the AUROC is n/a")}
+            "auroc_reason": d("Why the AUROC is n/a"),
+            "n_mirror_scored": d("Patients with a mirror score (the score the review flag's threshold applies to)"),
+            "auroc_mirror_score_bad": d(f"AUROC of the mirror score for {bad}"),
+            "auroc_mirror_score_bad_positive": d("The same among reference-positive patients only")}
 
 
 def cohort() -> dict[str, dict]:
@@ -143,6 +147,7 @@ def patients(cutoff_statement: str) -> dict[str, dict]:
         "in_P": d("Reference positive (group P)"),
         "review_flag": d("The participant level's review flag (the model's members disagree); n/a without members"),
         "uncertainty_score": d("The participant level's uncertainty score (docs/uncertainty.md)"),
+        "mirror_score": d("The participant level's mirror score (docs/uncertainty.md)"),
         "members_kind": d("What the members were: folds, mirrored passes or none"),
     }
 

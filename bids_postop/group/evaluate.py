@@ -167,6 +167,7 @@ def evaluate_session(key: Key, predictions: Mapping[str, Prediction], annotation
             "in_P": is_positive(m.true_volume_ml, **kw),
             "review_flag": p.uncertainty.get("review_flag"),
             "uncertainty_score": p.uncertainty.get("uncertainty_score"),
+            "mirror_score": p.uncertainty.get("mirror_score"),
             "members_kind": p.uncertainty.get("members_kind")})
     if len(arrays) >= 2:
         rows, pool = score_patient(arrays, preds, reference=reference if reference in arrays else None)

@@ -177,12 +177,12 @@ class Segment(SimpleInterface):
 
         from bids_postop.core.images import write_like
         from bids_postop.core.uncertainty import assess_members
-        from bids_postop.segmentation.backend import predict, score_threshold
+        from bids_postop.segmentation.backend import predict, review_settings
         from bids_postop.segmentation.models import resolve_models
 
         _set_threads(self.inputs.threads)
         [card] = resolve_models(self.inputs.model_folder)
-        limit = score_threshold(card)  # a bad card fails before the network runs
+        review = review_settings(card)  # a bad card fails before the network runs
         channels = []
         for role in card.channels:
             value = getattr(self.inputs, role)
@@ -206,15 +206,18 @@ class Segment(SimpleInterface):
             return runtime
         # members cover the backend's crop (members.box), outside which the ensemble is 0: only that part of the
         # ensemble is kept while they are assessed (memory on very large grids)
-        members, probability = prediction.members, prediction.probability
+        members, probability, mirror_scores = prediction.members, prediction.probability, prediction.mirror_scores
         del prediction
+        # per-fold thresholds and votes apply to fold members; mirrored passes of one fold keep the card's threshold
+        member_thresholds, votes = review.for_members(members.names) if members.kind == "folds" else (None, None)
         if members.box is not None:
             probability = np.array(members.crop(probability))
         voxel_map, summary = assess_members(
             members, probability, reference.affine, kind=members.kind, names=members.names,
             threshold=self.inputs.threshold, min_component_voxels=self.inputs.min_component_voxels,
             cutoff_ml=self.inputs.gtr_cutoff_ml, gtr_inclusive=self.inputs.gtr_inclusive,
-            score_threshold=limit)
+            score_threshold=review.score_threshold, member_thresholds=member_thresholds, voting=votes,
+            mirror_scores=mirror_scores)
         del probability
         if voxel_map is not None:
             voxel_map = members.paste(voxel_map, reference.shape[:3])

@@ -65,12 +65,13 @@ class Prediction:
 
     probability: np.ndarray
     members: Members = NO_MEMBERS
+    mirror_scores: tuple[float, ...] | None = None  # per network (core.uncertainty.mirror_disagreement); None: n/a
 
 
 def predict(card: ModelCard, channel_files: Sequence[str | Path], *, brain_mask: str | Path | None = None,
             device: str = "cpu", threads: int = 1, use_mirroring: bool = True, trust_checkpoint: bool = False,
             first_fold_only: bool = False, precision: str = "fp32", nnunet_engine: str = "auto",
-            keep_members: bool = True, report: dict | None = None) -> Prediction:
+            keep_members: bool = True, mirror_scores: bool | None = None, report: dict | None = None) -> Prediction:
     """Residual-tumour probability (float32) on the grid of ``channel_files[0]``, and the ensemble's members.
 
     ``brain_mask`` (on that grid) is needed by Raidionics models that crop to the brain; nnU-Net models
@@ -79,7 +80,8 @@ def predict(card: ModelCard, channel_files: Sequence[str | Path], *, brain_mask:
     first fold (``--fast``); ``precision`` ("fp32"/"bf16") and ``nnunet_engine`` say how nnU-Net networks run
     on the CPU; ``report`` (a dict) receives what was run (folds, mirroring, engine, precision, …).
     ``keep_members`` keeps each member (fold, or mirrored pass of a single fold) at the network's resolution;
-    the ensemble probability is the same with or without.
+    the ensemble probability is the same with or without. ``mirror_scores`` (default: ``keep_members``) computes
+    each network's mirror score where test-time mirroring runs (nnU-Net; Raidionics runs no mirroring: ``None``).
     """
     if card.architecture == "nnunet":
         from bids_postop.segmentation import nnunet
@@ -87,7 +89,9 @@ def predict(card: ModelCard, channel_files: Sequence[str | Path], *, brain_mask:
         return nnunet.predict(card, channel_files, options=nnunet.NnUNetOptions(
             device=device, use_mirroring=use_mirroring, trust_checkpoint=trust_checkpoint, threads=threads,
             bf16=precision == "bf16", engine=nnunet_engine,
-            folds=nnunet.first_fold(card) if first_fold_only else None), keep_members=keep_members, report=report)
+            folds=nnunet.first_fold(card) if first_fold_only else None,
+            mirror_scores=keep_members if mirror_scores is None else mirror_scores), keep_members=keep_members,
+            report=report)
     if card.architecture == "raidionics":
         from bids_postop.segmentation import raidionics
 
@@ -107,12 +111,49 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
                    precision=precision, nnunet_engine=nnunet_engine, keep_members=False, report=report).probability
 
 
+@dataclass(frozen=True)
+class ReviewSettings:
+    """What the model card says about its members (``"uncertainty"`` section, written by ``bids_postop-train``):
+    the mirror-score threshold, each fold member's own probability threshold, and which members vote."""
+
+    score_threshold: float | None = None
+    member_thresholds: dict[str, float] | None = None  # member name (fold_k) -> threshold
+    votes: dict[str, bool] | None = None  # member name -> counts in the GTR/RT agreement and volume interval
+
+    def for_members(self, names: Sequence[str]) -> tuple[list[float] | None, list[bool] | None]:
+        """Thresholds and votes in the members' order; ``None`` unless the card names every member."""
+        thresholds = [self.member_thresholds[n] for n in names] \
+            if self.member_thresholds and all(n in self.member_thresholds for n in names) else None
+        votes = [self.votes[n] for n in names] if self.votes and all(n in self.votes for n in names) else None
+        if votes is not None and not any(votes):
+            votes = None  # every member out would leave no rule: fall back to all (the card cannot mean that)
+        return thresholds, votes
+
+
+def review_settings(card: ModelCard) -> ReviewSettings:
+    """The card's ``uncertainty`` section (:class:`ReviewSettings`); a malformed section raises ``ModelError``."""
+    section = card.raw.get(CARD_SECTION) or {}
+    where = card.folder / CARD_NAME
+    if not isinstance(section, dict):
+        raise ModelError(f"{where}: {CARD_SECTION!r} must be an object, got {section!r}")
+    try:
+        limit = check_score_threshold(section.get("score_threshold"), where=f"{CARD_SECTION}.score_threshold")
+    except ValueError as exc:
+        raise ModelError(f"{where}: {exc}") from None
+    members = section.get("members") or {}
+    if not isinstance(members, dict):
+        raise ModelError(f"{where}: {CARD_SECTION}.members must be an object (member name -> settings)")
+    thresholds, votes = {}, {}
+    for name, entry in members.items():
+        threshold = entry.get("threshold") if isinstance(entry, dict) else None
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
+            raise ModelError(f"{where}: {CARD_SECTION}.members.{name}.threshold must be a probability between 0 "
+                             f"and 1; got {threshold!r}")
+        thresholds[str(name)] = float(threshold)
+        votes[str(name)] = bool(entry.get("votes", True))
+    return ReviewSettings(limit, thresholds or None, votes or None)
+
+
 def score_threshold(card: ModelCard) -> float | None:
     """The model card's ``uncertainty.score_threshold`` (chosen on validation folds), or ``None`` when absent."""
-    section = card.raw.get(CARD_SECTION) or {}
-    if not isinstance(section, dict):
-        raise ModelError(f"{card.folder / CARD_NAME}: {CARD_SECTION!r} must be an object, got {section!r}")
-    try:
-        return check_score_threshold(section.get("score_threshold"), where=f"{CARD_SECTION}.score_threshold")
-    except ValueError as exc:
-        raise ModelError(f"{card.folder / CARD_NAME}: {exc}") from None
+    return review_settings(card).score_threshold

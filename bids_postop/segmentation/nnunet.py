@@ -75,6 +75,7 @@ class NnUNetOptions:
     bf16: bool = False  # CPU: bfloat16 autocast (torch and compiled engines; changes probabilities slightly)
     engine: str = "auto"  # auto | torch | onnxruntime (CPU fp32) | compiled (CPU): nnunet_engines.resolve_engine
     trust_checkpoint: bool = False  # allow checkpoints that need pickle (can run code from the file)
+    mirror_scores: bool = False  # each network's mirror score (core.uncertainty.mirror_disagreement), in report
 
 
 def trained_model_folder(card: ModelCard) -> Path:
@@ -446,7 +447,7 @@ def predict(card: ModelCard, channel_files: Sequence[str | Path], *, options: Nn
         len(predictor.list_of_parameters), bool(predictor.use_mirroring), predictor.allowed_mirroring_axes) != "none"
     if box is None and keep_members:  # members come from the box path: the whole grid as the box (same result)
         box = tuple(slice(0, n) for n in arrays[0].shape)
-    members = NO_MEMBERS
+    members, mirror_scores = NO_MEMBERS, None
     if box is None:  # the stock path on the whole grid (also when every voxel is 0)
         _, probabilities = predictor.predict_single_npy_array(np.stack(arrays), {"spacing": spacing}, None, None,
                                                               True)
@@ -455,13 +456,17 @@ def predict(card: ModelCard, channel_files: Sequence[str | Path], *, options: Nn
         foreground = np.zeros(arrays[0].shape, dtype=np.float32)
         foreground[box], engine, member_logits, export = _predict_box(
             predictor, np.stack([a[box] for a in arrays]), spacing, options.threads, bf16=bf16, engine=engine,
-            keep_members=keep_members)
+            keep_members=keep_members, mirror_scores=options.mirror_scores)
+        mirror_scores = member_logits.mirror_scores
         if member_logits.kind != "none":
             members = _grid_members(member_logits, export, box, arrays[0].shape, view, folds)
     if report is not None:  # the engine that ran (onnxruntime may have fallen back to torch)
         report.update(engine=engine, precision="bf16" if bf16 and engine in ("torch", "compiled")
                       else "fp32" if predictor.device.type == "cpu" else "fp16 autocast (nnU-Net)")
-    return Prediction(np.ascontiguousarray(view.to_stored(foreground), dtype=np.float32), members)
+        if options.mirror_scores:
+            report["mirror_scores"] = mirror_scores
+    return Prediction(np.ascontiguousarray(view.to_stored(foreground), dtype=np.float32), members,
+                      tuple(mirror_scores) if mirror_scores is not None else None)
 
 
 def _grid_members(member_logits: nnunet_engines.MemberLogits, export: Any, box: tuple[slice, ...],
@@ -508,7 +513,7 @@ def nonzero_box(arrays: Sequence[np.ndarray]) -> tuple[slice, ...] | None:
 
 
 def _predict_box(predictor: Any, data: np.ndarray, spacing: list[float], threads: int | None, *,
-                 bf16: bool = False, engine: str = "torch", keep_members: bool = False
+                 bf16: bool = False, engine: str = "torch", keep_members: bool = False, mirror_scores: bool = False
                  ) -> tuple[np.ndarray, str, nnunet_engines.MemberLogits, Any]:
     """Foreground probability of a (C, z, y, x) box: nnU-Net's preprocessing, sliding window and resampling
     back, i.e. ``predict_single_npy_array`` without its whole-grid work; the engine that ran; the members' logits
@@ -524,16 +529,18 @@ def _predict_box(predictor: Any, data: np.ndarray, spacing: list[float], threads
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and engine == "compiled"):
                 logits, members = nnunet_engines.predict_logits_and_members(
-                    predictor, tensor, threads or torch.get_num_threads(), engine, keep_members=keep_members)
+                    predictor, tensor, threads or torch.get_num_threads(), engine, keep_members=keep_members,
+                    mirror_scores=mirror_scores)
         except Exception as exc:  # torch.onnx / onnxruntime / inductor raise many types; torch gives the same result
             LOG.warning("%s could not run this nnU-Net network (%s: %s); running it with torch",
                         engine, type(exc).__name__, str(exc)[:500])
             engine = "torch"
     if logits is None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # bf16: CPU only (caller)
-            if keep_members:
+            if keep_members or mirror_scores:
                 logits, members = nnunet_engines.predict_logits_and_members(
-                    predictor, tensor, threads or torch.get_num_threads(), "torch", keep_members=True)
+                    predictor, tensor, threads or torch.get_num_threads(), "torch", keep_members=keep_members,
+                    mirror_scores=mirror_scores)
             else:  # nnU-Net's own fold loop
                 logits = predictor.predict_logits_from_preprocessed_data(tensor)
     logits = logits.cpu().float()

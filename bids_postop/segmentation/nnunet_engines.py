@@ -220,6 +220,7 @@ class MemberLogits:
     kind: str
     names: tuple[str, ...] = ()
     logits: list[Any] = field(default_factory=list)
+    mirror_scores: list[float] | None = None  # per network: :func:`bids_postop.core.uncertainty.mirror_disagreement`
 
 
 def members_kind(n_networks: int, use_mirroring: bool, mirror_axes: Any) -> str:
@@ -283,8 +284,18 @@ def _mirrored_passes_as_channels(predictor: Any) -> Iterator[tuple[int, list[tup
         predictor.label_manager = label_manager
 
 
+def _mirror_score(predictor: Any, passes: Any, heads: int, n_passes: int) -> float:
+    """:func:`~bids_postop.core.uncertainty.mirror_disagreement` of one network's mirrored passes (the extra
+    channels of :func:`_mirrored_passes_as_channels`), foreground = class 1 of nnU-Net's inference nonlinearity."""
+    from bids_postop.core.uncertainty import mirror_disagreement
+
+    foreground = [predictor.label_manager.apply_inference_nonlin(passes[heads * k:heads * (k + 1)].float())[1]
+                  .numpy() for k in range(n_passes)]
+    return mirror_disagreement(foreground)
+
+
 def predict_logits_and_members(predictor: Any, data: Any, threads: int, engine: str = "onnxruntime", *,
-                               keep_members: bool = False) -> tuple[Any, MemberLogits]:
+                               keep_members: bool = False, mirror_scores: bool = False) -> tuple[Any, MemberLogits]:
     """nnU-Net's fold loop (each fold's sliding window, their sum, divided by the number of folds: the operations of
     ``predict_logits_from_preprocessed_data``) with ``engine``'s fold networks (``"torch"``: the predictor's own
     network, weights loaded per fold, nnU-Net's thread cap), and, with ``keep_members``, the members' logits.
@@ -292,7 +303,8 @@ def predict_logits_and_members(predictor: Any, data: Any, threads: int, engine: 
     Each fold's logits are computed once: with several folds each fold's (mirrored-averaged) logits are kept as a
     member; one fold with test-time mirroring keeps each mirrored pass (:func:`_mirrored_passes_as_channels`). The
     ensemble logits are the same with or without members. ``data`` is the preprocessed (C, z, y, x) tensor; the
-    predictor's network is put back afterwards.
+    predictor's network is put back afterwards. ``mirror_scores`` (with test-time mirroring) computes each
+    network's mirror score from its passes, which ride along in the same sliding window (no extra network call).
     """
     import torch
 
@@ -302,6 +314,10 @@ def predict_logits_and_members(predictor: Any, data: Any, threads: int, engine: 
     kind = members_kind(n_networks, bool(predictor.use_mirroring), predictor.allowed_mirroring_axes) \
         if keep_members else "none"
     members = MemberLogits(kind)
+    capture = kind == "mirrored passes" or (mirror_scores and bool(predictor.use_mirroring)
+                                            and bool(predictor.allowed_mirroring_axes))
+    if capture and mirror_scores:
+        members.mirror_scores = []
     threads_before = torch.get_num_threads()
     if engine == "torch":
         from nnunetv2.configuration import default_num_processes
@@ -316,14 +332,21 @@ def predict_logits_and_members(predictor: Any, data: Any, threads: int, engine: 
                     getattr(network, "_orig_mod", network).load_state_dict(predictor.list_of_parameters[index])
                 else:  # replaces (for onnxruntime: frees) the last fold's
                     predictor.network = fold_network(predictor, network, index, n_channels, engine, threads)
-                if kind == "mirrored passes":
+                if capture:
                     with _mirrored_passes_as_channels(predictor) as (heads, combinations):
                         stacked = predictor.predict_sliding_window_return_logits(data).to("cpu")
                     logits = stacked[:heads]
-                    members.logits.extend(stacked[heads * (k + 1):heads * (k + 2)]
-                                          for k in range(len(combinations) + 1))
-                    members.names = ("unmirrored", *(f"mirrored axes {'+'.join(map(str, c))}"
-                                                     for c in combinations))
+                    if members.mirror_scores is not None:
+                        members.mirror_scores.append(_mirror_score(predictor, stacked[heads:], heads,
+                                                                   len(combinations) + 1))
+                    if kind == "mirrored passes":
+                        members.logits.extend(stacked[heads * (k + 1):heads * (k + 2)]
+                                              for k in range(len(combinations) + 1))
+                        members.names = ("unmirrored", *(f"mirrored axes {'+'.join(map(str, c))}"
+                                                         for c in combinations))
+                    else:
+                        logits = logits.clone()  # the pass channels are freed with ``stacked``
+                    del stacked
                 else:
                     logits = predictor.predict_sliding_window_return_logits(data).to("cpu")
                 if kind == "folds":

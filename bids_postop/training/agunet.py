@@ -160,6 +160,12 @@ def _validation_cases(model_dir: Path, config: str, plan, cases, folds: Sequence
     return out
 
 
+def _review_version() -> int:
+    from bids_postop.training.review import SECTION_VERSION
+
+    return SECTION_VERSION
+
+
 def _up_to_date(model_dir: Path, data_hash: str, jobs: dict, rule: str) -> bool:
     try:
         card = json.loads((model_dir / "bids_postop_model.json").read_text())
@@ -168,6 +174,7 @@ def _up_to_date(model_dir: Path, data_hash: str, jobs: dict, rule: str) -> bool:
     training = card.get("training", {})
     return (training.get("data_hash") == data_hash and training.get("jobs") == jobs
             and card.get("threshold_selection", {}).get("rule") == rule
+            and (card.get("uncertainty") or {}).get("version") == _review_version()
             and all((model_dir / f"fold_{k}" / "model.onnx").is_file() for k in jobs))
 
 
@@ -181,6 +188,7 @@ def train_configuration(config: str, args, cases, plan, command: str, *, options
     called only when ``cv_complete(model_dir)`` is false."""
     from bids_postop.agunet.data import prepare_arrays
     from bids_postop.agunet.export import write_model_card, write_preprocessing_ini
+    from bids_postop.training.review import review_card_section
     from bids_postop.training.threshold import choose_threshold
 
     folds = list(range(plan.n_folds)) if folds is None else sorted(set(folds))
@@ -267,6 +275,8 @@ def train_configuration(config: str, args, cases, plan, command: str, *, options
                                  f"{trained_on(training_set)}.",
                      extra={"agunet": {"network": spec.to_json(), "folds": folds},
                             "threshold_selection": thr,
+                            "uncertainty": review_card_section(config, val_cases, threshold=thr["threshold"],
+                                                        rule=options.threshold_rule),
                             "training": {
                                 "command": command, "date": _dt.date.today().isoformat(),
                                 "bids_dir": str(args.bids_dir), "dataset_name": training_set,

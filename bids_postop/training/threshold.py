@@ -67,15 +67,16 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _case_at(case: ValidationCase, threshold: float, *, min_component_voxels: int, cutoff_ml: float,
+def case_at(case: ValidationCase, threshold: float, *, min_component_voxels: int, cutoff_ml: float,
              gtr_inclusive: bool) -> dict[str, Any]:
+    """One participant at ``threshold``: Dice, patient-wise outcome, reference and predicted GTR/RT."""
     truth = np.asarray(case.truth) > 0
     pred = remove_small_components(np.asarray(case.probability) >= threshold, min_voxels=min_component_voxels)
     d = dice(pred, truth)
     true_ml, pred_ml = volume_ml(truth, case.grid), volume_ml(pred, case.grid)
     kw = {"cutoff_ml": cutoff_ml, "gtr_inclusive": gtr_inclusive}
     return {"dice": d, "outcome": patient_outcome(true_ml, pred_ml, d, **kw), "positive": is_positive(true_ml, **kw),
-            "nonempty": bool(truth.any() and pred.any())}
+            "predicted_positive": is_positive(pred_ml, **kw), "nonempty": bool(truth.any() and pred.any())}
 
 
 def _f1(counts: Counts) -> float | None:
@@ -96,7 +97,7 @@ def score_threshold(cases: Sequence[ValidationCase], threshold: float, *,
                     gtr_inclusive: bool = False) -> dict[str, Any]:
     """One row of the threshold table: Dice over all / positive / detected participants, patient-wise counts,
     recall, precision, specificity, balanced accuracy, F1 and every rule's score (``None`` when undefined)."""
-    per = [_case_at(c, threshold, min_component_voxels=min_component_voxels, cutoff_ml=cutoff_ml,
+    per = [case_at(c, threshold, min_component_voxels=min_component_voxels, cutoff_ml=cutoff_ml,
                     gtr_inclusive=gtr_inclusive) for c in cases]
     counts = Counts.of(p["outcome"] for p in per)
     row: dict[str, Any] = {
