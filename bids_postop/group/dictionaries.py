@@ -145,7 +145,8 @@ def patients(cutoff_statement: str) -> dict[str, dict]:
             "FP": "reference negative, prediction positive",
             "FN": "reference positive and prediction negative, or both positive with Dice < 0.01"}),
         "in_P": d("Reference positive (group P)"),
-        "review_flag": d("The participant level's review flag (the model's members disagree); n/a without members"),
+        "review_flag": d("The participant level's review flag (the model's members disagree, or the mirror score "
+                         "exceeds the card's threshold); n/a without members"),
         "uncertainty_score": d("The participant level's uncertainty score (docs/uncertainty.md)"),
         "mirror_score": d("The participant level's mirror score (docs/uncertainty.md)"),
         "members_kind": d("What the members were: folds, mirrored passes or none"),

@@ -286,9 +286,10 @@ def render(results: GroupResults, figure_files: Mapping[str, str]) -> str:
                       _table(results.raters_summary, list(dd.raters_summary()))]
         if results.review:
             parts += ["<h2>Review flag against the truth</h2><p>Does the participant level's review flag (the model's "
-                      "members disagree) pick out the patients whose call is wrong? Error rates among flagged and "
-                      "unflagged patients, and the AUROC of the uncertainty score for a wrong call or Dice &lt; "
-                      "0.5.</p>", _table(results.review, list(dd.review()))]
+                      "members disagree, or the mirror score exceeds the card's threshold) pick out the patients "
+                      "whose call is wrong? Error rates among flagged and unflagged patients, and the AUROC of the "
+                      "uncertainty and mirror scores for a wrong call or Dice &lt; 0.5.</p>",
+                      _table(results.review, list(dd.review()))]
         parts += ["<h2>Statistical tests</h2><p>Scoped as the paper (origin 'paper'); paired tests for repeated "
                   "measures on the same patients are additions (origin 'addition').</p>",
                   _table(results.tests, list(dd.tests())),

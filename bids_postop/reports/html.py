@@ -297,9 +297,12 @@ def _review(spread: Mapping[str, Any]) -> str:
     reasons = "; ".join(str(r) for r in spread.get("reasons") or ())
     low, high = spread.get("residual_volume_ml_min"), spread.get("residual_volume_ml_max")
     rt = spread.get("rt_fraction_members")
+    mirror, limit = spread.get("mirror_score"), spread.get("score_threshold")
     detail = (f'{_e(spread.get("members_count"))} {_e(spread.get("members_kind"))}: RT in '
               f'{_num(None if rt is None else 100 * float(rt), 0, " %")} of them, residual '
-              f'{_num(low, 3)}–{_num(high, 3, " ml")}')
+              f'{_num(low, 3)}–{_num(high, 3, " ml")}'
+              + ("" if mirror is None else f'; mirror score {_num(mirror, 3)}'
+                 + ("" if limit is None else f' (threshold {_num(limit, 3)})')))
     verdict = ('<b class="status-RT" id="review-flag">REVIEW: check this call</b>' if flag
                else '<span id="review-flag">no review needed</span>')
     return f'{verdict} <span class="muted">({detail}{"; " + _e(reasons) if reasons else ""})</span>'
