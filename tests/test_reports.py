@@ -27,6 +27,7 @@ from bids_postop.core.postprocess import postprocess_probability, volume_ml
 from bids_postop.reports import figures as F
 from bids_postop.reports.html import (
     FIGURES,
+    existing_figures,
     figure_filename,
     rebuild_reports,
     render_participant_report,
@@ -294,7 +295,8 @@ def demo_report(tmp_path_factory):
         output_dir, "01", "postop", measures_json=outputs.measures_json, figures=figures,
         inputs={k: bids_uri(v, bids) for k, v in inputs.items()},
         warnings=["pre-op registration: header only (test stand-in)"], runtime_s=754.2, device="cpu")
-    return {"report": report, "output_dir": output_dir, "measures": measures, "figures": figures, "tmp": tmp}
+    return {"report": report, "output_dir": output_dir, "measures": measures, "figures": figures, "tmp": tmp,
+            "bids": bids, "inputs": inputs, "card": card, "files": (mask_file, probseg, brain)}
 
 
 def test_report_files_and_summary(demo_report):
@@ -303,7 +305,7 @@ def test_report_files_and_summary(demo_report):
     assert report == out / "sub-01.html"
     page = report.read_text()
     for key in demo_report["figures"]:
-        name = figure_filename("01", "postop", key, ext=demo_report["figures"][key].suffix)
+        name = figure_filename("01", "postop", key, ext=demo_report["figures"][key].suffix, model_label="demoE")
         assert (out / "sub-01" / "figures" / name).is_file()
         assert f'"sub-01/figures/{name}"' in page
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
@@ -331,8 +333,48 @@ def test_rebuild_reports_from_the_output_dir_alone(demo_report, tmp_path):
     assert not list((out / "sub-01" / "figures").glob(".*tmp*"))
 
 
+def test_a_second_model_keeps_the_first_models_figures_and_is_listed(demo_report, tmp_path):
+    """Two models written into one output folder: each model's own figures are kept (named per model), the page
+    of the latest run lists the other model's result, and --reports-only finds each model's figures again."""
+    out = tmp_path / "out"
+    shutil.copytree(demo_report["output_dir"], out)
+    mask_file, probseg, brain = demo_report["files"]
+    card = {**demo_report["card"], "name": "other-B", "configuration": "B",
+            "channels": ["postop_t1ce", "postop_t1"], "not_for_clinical_use": False}
+    m = demo_report["measures"].as_dict()
+    outputs = write_session_outputs(
+        out, demo_report["bids"], subject="01", session="postop", site="north",
+        sources={k: demo_report["inputs"][k] for k in ("postop_t1ce", "postop_t1")}, residual_mask=mask_file,
+        residual_probseg=probseg, brain_mask=brain, measures={**m, "residual_volume_ml": 9.87654}, model=card,
+        configuration="B", extra_provenance={"bids_postop_version": "0.1.0"})
+    second = tmp_path / "second_mosaic.png"
+    second.write_bytes(b"\x89PNG not the first model's")
+    figures_dir = out / "sub-01" / "figures"
+    first = figures_dir / figure_filename("01", "postop", "mosaic", model_label="demoE")
+    first_bytes = first.read_bytes()
+    page = render_participant_report(out, "01", "postop", measures_json=outputs.measures_json,
+                                     figures={"mosaic": second}, inputs={}).read_text()
+    mine = figures_dir / figure_filename("01", "postop", "mosaic", model_label="otherB")
+    assert mine.read_bytes() == second.read_bytes() and first.read_bytes() == first_bytes  # nothing overwritten
+    assert f'"sub-01/figures/{mine.name}"' in page and first.name not in page
+    table = page[page.index('id="other-models"'):]
+    table = table[:table.index("</table>")]
+    assert "demo-E" in table and f"{demo_report['measures'].residual_volume_ml:.3f} ml" in table
+    assert "other-B" not in table and "9.877 ml" in page  # this page's own result
+    (out / "sub-01.html").unlink()
+    [rebuilt] = rebuild_reports(out)  # the last model in sorted order (otherB), with its own figure
+    page = rebuilt.read_text()
+    assert mine.name in page and first.name not in page and 'id="other-models"' in page
+    found = existing_figures(out, "01", "postop", model_label="demoE")
+    assert found["mosaic"] == first and "brainmask" in found
+
+
 def test_figure_names_and_unknown_keys(demo_report):
     assert figure_filename("sub-01", "ses-postop", "mosaic") == "sub-01_ses-postop_desc-residual_mosaic.png"
+    assert figure_filename("01", "postop", "mosaic", model_label="demoB") == \
+        "sub-01_ses-postop_desc-demoBResidual_mosaic.png"
+    assert figure_filename("01", "postop", "brainmask", model_label="demoB") == \
+        "sub-01_ses-postop_desc-brainmask_overlay.png"  # not a model's figure
     assert figure_filename("01", None, "registration_preop_t1ce") == "sub-01_desc-preopt1ce_registration.svg"
     assert session_prefix("01", None) == "sub-01"
     assert set(FIGURES) >= {"mosaic", "brainmask", "preopmask", "registration_postop_t1"}

@@ -182,7 +182,7 @@ def session_outputs(settings: RunSettings, inputs, model):
 def final_report(settings: RunSettings, inputs, model, took: float, errors: list[str], *, failed: bool) -> None:
     """Rewrite the participant's HTML with what only the end of the run knows: run time, device, errors."""
     from bids_postop.bids.derivatives import bids_uri
-    from bids_postop.reports.html import existing_figures, render_participant_report
+    from bids_postop.reports.html import existing_figures, measures_model_label, render_participant_report
 
     outputs = session_outputs(settings, inputs, model)
     warnings = list(inputs.notes)
@@ -197,7 +197,8 @@ def final_report(settings: RunSettings, inputs, model, took: float, errors: list
         render_participant_report(
             settings.output_dir, inputs.subject, inputs.postop_session,
             measures_json=None if failed or not outputs.measures_json.exists() else outputs.measures_json,
-            figures=existing_figures(settings.output_dir, inputs.subject, inputs.postop_session),
+            figures=existing_figures(settings.output_dir, inputs.subject, inputs.postop_session,
+                                     model_label=measures_model_label(outputs.measures_json)),
             inputs={role: bids_uri(p, settings.bids_dir, derivatives=settings.derivatives)
                     for role, p in inputs.files.items()},
             warnings=warnings, errors=errors, runtime_s=round(took, 1),

@@ -30,6 +30,9 @@ FIGURES: dict[str, tuple[str, str, str]] = {
     **{f"registration_{role}": (role.replace("_", ""), "registration", ".svg")
        for role in ROLES if role not in ("postop_t1ce", "preop_mask")},
 }
+# figures that show one model's result: named per model (``desc-<modellabel>Residual``), so that a second model
+# written into the same output folder does not overwrite the first one's
+MODEL_FIGURES = ("mosaic", "diameters")
 CONTEXT_DESC = "reportcontext"
 ROLE_LABELS = {"postop_t1ce": "post-op T1w-CE", "postop_t1": "post-op T1w", "postop_flair": "post-op FLAIR",
                "preop_t1ce": "pre-op T1w-CE", "preop_mask": "pre-op tumour mask"}
@@ -50,8 +53,10 @@ def session_prefix(subject: str, session: str | None) -> str:
     return f"sub-{subject}" + (f"_ses-{session}" if session else "")
 
 
-def figure_filename(subject: str, session: str | None, key: str, *, ext: str | None = None) -> str:
-    """File name of a report figure, e.g. ``sub-01_ses-postop_desc-residual_mosaic.png``.
+def figure_filename(subject: str, session: str | None, key: str, *, ext: str | None = None,
+                    model_label: str | None = None) -> str:
+    """File name of a report figure, e.g. ``sub-01_ses-postop_desc-residual_mosaic.png``, or with
+    ``model_label`` for a figure of :data:`MODEL_FIGURES`: ``sub-01_ses-postop_desc-demoBResidual_mosaic.png``.
 
     ``key`` is one of :data:`FIGURES` (``mosaic``, ``brainmask``, ``preopmask``,
     ``registration_<role>``); ``ext`` (``.png`` or ``.svg``) overrides the usual extension.
@@ -59,7 +64,17 @@ def figure_filename(subject: str, session: str | None, key: str, *, ext: str | N
     if key not in FIGURES:
         raise ValueError(f"unknown report figure {key!r}; known: {', '.join(FIGURES)}")
     desc, suffix, default = FIGURES[key]
+    if model_label and key in MODEL_FIGURES:
+        desc = f"{model_label}{desc.capitalize()}"
     return f"{session_prefix(subject, session)}_desc-{desc}_{suffix}{ext or default}"
+
+
+def measures_model_label(measures_json: str | Path | None) -> str | None:
+    """The model label of a measures JSON file name (``…_desc-<label>_measures.json``), else ``None``."""
+    if measures_json is None:
+        return None
+    match = re.search(r"_desc-([A-Za-z0-9]+)_measures\.json$", Path(measures_json).name)
+    return match[1] if match else None
 
 
 def figures_dir(output_dir: Path, subject: str) -> Path:
@@ -253,6 +268,7 @@ def _summary(data: Mapping[str, Any], context: Mapping[str, Any]) -> str:
         ("Run time", _duration(context.get("runtime_s"))),
     ]
     parts.append(_rows(pairs, "summary-table"))
+    parts.append(_other_models_table(data.get("_other_models") or ()))
     parts.append("<h3>Inputs found and used</h3>")
     parts.append(_inputs_table(context.get("inputs") or {}, data.get("sources") or {}, channels, config))
     return "".join(parts)
@@ -438,12 +454,13 @@ def render_participant_report(output_dir: Path, subject: str, session: str | Non
     if unknown:
         raise ValueError(f"unknown report figure key(s) {unknown}; known: {', '.join(FIGURES)}")
     dest_dir = figures_dir(output_dir, subject)
+    label = measures_model_label(measures_json)
     rel: dict[str, str] = {}
     for key, src in figures.items():
         src = Path(src)
         if not src.is_file():
             raise FileNotFoundError(f"report figure {key!r} not found: {src}")
-        dest = dest_dir / figure_filename(subject, session, key, ext=src.suffix.lower())
+        dest = dest_dir / figure_filename(subject, session, key, ext=src.suffix.lower(), model_label=label)
         if not (dest.exists() and dest.resolve() == src.resolve()):
             atomic_copy(src, dest)
         rel[key] = dest.relative_to(output_dir).as_posix()
@@ -452,25 +469,69 @@ def render_participant_report(output_dir: Path, subject: str, session: str | Non
     atomic_write_json(_context_file(output_dir, subject, session), context)
     if measures_json is not None and Path(measures_json).is_file():
         data = json.loads(Path(measures_json).read_text(encoding="utf-8"))
+        others = _other_models(output_dir, Path(measures_json))
+        if others:
+            data = {**data, "_other_models": others}
     else:  # the run failed before its measures: a page with the errors and whatever figures exist
         data = {"participant_id": f"sub-{subject}", "session_id": f"ses-{session}" if session else None}
     return atomic_write_text(output_dir / f"sub-{subject}.html", _page(data, context, rel))
+
+
+def _other_models(output_dir: Path, measures_json: Path) -> list[dict[str, Any]]:
+    """The session's results from other models in the same output folder (their measures JSON files)."""
+    prefix = measures_json.name.split("_desc-")[0]
+    rows = []
+    for other in sorted(measures_json.parent.glob(f"{prefix}_desc-*_measures.json")):
+        if other.name == measures_json.name:
+            continue
+        try:
+            data = json.loads(other.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        m, u = data.get("measures") or {}, data.get("uncertainty") or {}
+        rows.append({"label": measures_model_label(other), "model": (data.get("model") or {}).get("name"),
+                     "configuration": data.get("configuration"), "residual_volume_ml": m.get("residual_volume_ml"),
+                     "resection_status": m.get("resection_status"), "review_flag": u.get("review_flag"),
+                     "measures": other.relative_to(output_dir).as_posix()})
+    return rows
+
+
+def _other_models_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    if not rows:
+        return ""
+    body = "".join(
+        f"<tr><td>{_e(r.get('model') or '?')}</td><td>{_e(r.get('configuration') or '?')}</td>"
+        f"<td>{_num(r.get('residual_volume_ml'), 3, ' ml')}</td><td>{_e(r.get('resection_status') or '?')}</td>"
+        f"<td>{_e({True: 'review', False: 'no', None: 'n/a'}.get(r.get('review_flag'), '?'))}</td>"
+        f'<td><a href="{_e(r["measures"])}">{_e(r["measures"])}</a></td></tr>' for r in rows)
+    return ("<h3>Other models in this output folder</h3><p class=\"muted\">This page shows the latest run's model; "
+            "these results of the same session are kept beside it (their own masks, measures and figures).</p>"
+            '<table id="other-models"><tr><th>model</th><th>config</th><th>residual</th><th>status</th>'
+            f"<th>review flag</th><th>measures</th></tr>{body}</table>")
 
 
 _NAME = re.compile(r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_ses-[A-Za-z0-9]+)?)_desc-(?P<desc>[A-Za-z0-9]+)_"
                    r"(?P<suffix>[A-Za-z0-9]+)(?P<ext>\.png|\.svg)$")
 
 
-def existing_figures(output_dir: Path, subject: str, session: str | None) -> dict[str, Path]:
-    """Figure key → file for the session's figures already in ``sub-<subject>/figures/``."""
+def existing_figures(output_dir: Path, subject: str, session: str | None, *,
+                     model_label: str | None = None) -> dict[str, Path]:
+    """Figure key → file for the session's figures already in ``sub-<subject>/figures/``: the model's own
+    figures (:data:`MODEL_FIGURES`) of ``model_label``, or the unlabelled ones of outputs written before figures
+    were named per model."""
     by_name = {(desc, suffix): key for key, (desc, suffix, _) in FIGURES.items()}
+    if model_label:
+        by_name.update({(f"{model_label}{FIGURES[key][0].capitalize()}", FIGURES[key][1]): key
+                        for key in MODEL_FIGURES})
     prefix = session_prefix(subject, session)
     found: dict[str, Path] = {}
     folder = figures_dir(output_dir, subject)
     for path in sorted(folder.glob(f"{prefix}_desc-*")) if folder.is_dir() else []:
         match = _NAME.match(path.name)
         if match and match["prefix"] == prefix and (key := by_name.get((match["desc"], match["suffix"]))):
-            found.setdefault(key, path)
+            labelled = match["desc"] != FIGURES[key][0]
+            if labelled or key not in found:  # the model's own figure wins over an unlabelled one
+                found[key] = path
     return found
 
 
@@ -508,7 +569,8 @@ def rebuild_reports(output_dir: Path) -> list[Path]:
             warnings.append(note)
         written.append(render_participant_report(
             output_dir, subject, session, measures_json=measures,
-            figures=existing_figures(output_dir, subject, session), inputs=context.get("inputs") or {},
+            figures=existing_figures(output_dir, subject, session, model_label=measures_model_label(measures)),
+            inputs=context.get("inputs") or {},
             warnings=warnings, errors=context.get("errors") or (), runtime_s=context.get("runtime_s"),
             device=context.get("device")))
     return written
