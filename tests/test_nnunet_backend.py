@@ -531,8 +531,8 @@ def test_segment_node_applies_the_cards_review_section(tmp_path, two_fold_model,
                    postop_t1=str(demo_files[1]), threshold=two_fold_model.threshold)
     summary = json.loads(open(node.run(cwd=str(tmp_path)).outputs.uncertainty_json).read())
     assert summary["member_thresholds"] == [0.3, 0.7] and summary["members_not_voting"] == ["fold_1"]
-    assert len(summary["mirror_scores"]) == 2 and summary["mirror_score"] == pytest.approx(
-        np.mean(summary["mirror_scores"]))
+    assert len(summary["mirror_scores"]) == 2  # each fold's; the mean over the voting ones: fold_0's alone
+    assert summary["mirror_score"] == summary["mirror_scores"][0] != summary["mirror_scores"][1]
     assert summary["rules"]["score_above_threshold"] is True and summary["review_flag"] is True
     assert any("mirror score" in r for r in summary["reasons"])
 
