@@ -59,3 +59,39 @@ def test_write_like_keeps_the_reference_grid(tmp_path, orientation):
     img = nib.load(out)
     assert img.shape == ref.shape and np.allclose(img.affine, ref.affine, atol=1e-5)
     assert img.get_data_dtype() == np.uint8
+
+
+# --- one definition of "the same grid" (core.images.same_grid) ------------------------------------------------------
+
+def _grid(shape, affine):
+    return nib.Nifti1Image(np.zeros(shape, np.uint8), np.asarray(affine, dtype=float))
+
+
+def test_same_grid_is_measured_in_mm_over_the_whole_field_of_view():
+    """The tolerance is in mm where voxels land, not per affine entry: a voxel size 0.01 mm off moves the far corner
+    of a 256-voxel grid by 2.56 mm (not the same grid), while the float32 rounding of another tool's affine is."""
+    from bids_postop.core.images import GRID_TOLERANCE_MM, grid_mismatch, grid_offset_mm, same_grid
+
+    affine = np.array([[-1.0, 0, 0, 127.3], [0, 1.0, 0, -98.7], [0, 0, 1.0, -72.1], [0, 0, 0, 1]])
+    reference = _grid((256, 256, 180), affine)
+    assert same_grid(reference, _grid((256, 256, 180), affine.astype(np.float32)))  # ITK-SNAP/FSL-style float32
+    zoomed = affine.copy()
+    zoomed[0, 0] = -1.01
+    assert not same_grid(reference, _grid((256, 256, 180), zoomed))
+    assert grid_offset_mm((256, 256, 180), zoomed, affine) == pytest.approx(2.55)  # (256 - 1) × 0.01 mm
+    assert "2.55 mm apart" in grid_mismatch(_grid((256, 256, 180), zoomed), reference)
+    shifted = affine.copy()
+    shifted[:3, 3] += [0.004, -0.003, 0.0]  # 0.005 mm: the same grid; 0.02 mm: not
+    assert same_grid(reference, _grid((256, 256, 180), shifted))
+    shifted[:3, 3] += [0.012, 0.0, 0.0]
+    assert not same_grid(reference, _grid((256, 256, 180), shifted))
+    assert grid_mismatch(_grid((256, 256, 179), affine), reference) == "shape (256, 256, 179) vs (256, 256, 180)"
+    # an oblique rotation by 0.01 degrees moves the far corner by ~0.05 mm: not the same grid
+    theta = np.deg2rad(0.01)
+    rotation = np.array([[np.cos(theta), -np.sin(theta), 0, 0], [np.sin(theta), np.cos(theta), 0, 0], [0, 0, 1, 0],
+                         [0, 0, 0, 1]])
+    rotated = rotation @ affine
+    expected = max(np.linalg.norm((rotated - affine) @ np.array([i, j, k, 1.0]))
+                   for i in (0, 255) for j in (0, 255) for k in (0, 179))
+    assert grid_offset_mm((256, 256, 180), rotated, affine) == pytest.approx(expected)
+    assert not same_grid(reference, _grid((256, 256, 180), rotated)) and GRID_TOLERANCE_MM < expected

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 
-from bids_postop.core.images import from_ras, load_3d, ras_voxel_sizes, to_ras, write_like
+from bids_postop.core.images import from_ras, grid_mismatch, load_3d, ras_voxel_sizes, to_ras, write_like
 from bids_postop.errors import InputDataError, ModelError
 
 BrainMethod = Literal["deepbet", "hdbet", "raidionics"]
@@ -172,11 +172,11 @@ def apply_brain_mask(image: str | Path, mask: str | Path, *, out_file: str | Pat
     image, mask = Path(image), Path(mask)
     img = load_3d(image, what="image")
     mask_img = load_3d(mask, what="brain mask")
-    if mask_img.shape[:3] != img.shape[:3] or not np.allclose(mask_img.affine, img.affine, atol=1e-3):
+    mismatch = grid_mismatch(mask_img, img)
+    if mismatch:
         raise InputDataError(
-            f"the brain mask is not on the grid of the image {image}: mask shape {mask_img.shape[:3]}, "
-            f"image shape {img.shape[:3]}; mask affine\n{mask_img.affine}\nimage affine\n{img.affine}\n"
-            "resample the mask onto the image first",
+            f"the brain mask is not on the grid of the image {image}: {mismatch}; mask affine\n{mask_img.affine}\n"
+            f"image affine\n{img.affine}\nresample the mask onto the image first",
             mask,
         )
     # integer voxels stored without scaling keep their type (zeroing is exact; half the bytes of float32 to

@@ -8,6 +8,7 @@ trip is exact.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import nibabel as nib
@@ -92,9 +93,41 @@ def ras_voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
     return float(ras[0]), float(ras[1]), float(ras[2])
 
 
-def same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage, *, atol: float = 1e-4) -> bool:
-    """True when two images share shape (first three axes) and affine."""
-    return a.shape[:3] == b.shape[:3] and np.allclose(a.affine, b.affine, atol=atol)
+# The one definition of "the same grid" (channels, masks, figures, registration and brain masks all use it): the
+# same shape, and no voxel placed more than this far apart by the two affines. In mm of the scanner's space, over
+# the whole field of view: an affine difference in the voxel size counts as much as it moves the far corner (a
+# per-entry tolerance would let 0.01 mm/voxel through, 2.6 mm across 256 voxels). 0.01 mm is 1 % of a 1 mm voxel;
+# it absorbs the float32 rounding of affines written by other tools (ITK-SNAP, FSL: ~1e-5 mm).
+GRID_TOLERANCE_MM = 0.01
+
+
+def grid_offset_mm(shape: tuple[int, ...], affine_a: np.ndarray, affine_b: np.ndarray) -> float:
+    """The largest distance (mm) between where ``affine_a`` and ``affine_b`` put the same voxel of a grid of
+    ``shape``: at one of the grid's corner voxels (the difference of two affine maps is affine, so its largest
+    norm over the box is at a corner)."""
+    corners = np.array(list(itertools.product(*[(0, max(int(n) - 1, 0)) for n in shape[:3]])), dtype=float)
+    homogeneous = np.c_[corners, np.ones(len(corners))]
+    moved = (np.asarray(affine_a, dtype=float) - np.asarray(affine_b, dtype=float)) @ homogeneous.T
+    return float(np.sqrt((moved[:3] ** 2).sum(axis=0)).max())
+
+
+def grid_mismatch(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage, *,
+                  tol_mm: float = GRID_TOLERANCE_MM) -> str | None:
+    """``None`` when ``a`` and ``b`` are on the same grid (:data:`GRID_TOLERANCE_MM`), else what differs, in words
+    (for error messages)."""
+    if a.shape[:3] != b.shape[:3]:
+        return f"shape {tuple(a.shape[:3])} vs {tuple(b.shape[:3])}"
+    offset = grid_offset_mm(a.shape, a.affine, b.affine)
+    if offset > tol_mm:
+        return f"same shape, but the affines place voxels up to {offset:.4g} mm apart (tolerance {tol_mm} mm)"
+    return None
+
+
+def same_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage, *,
+              tol_mm: float = GRID_TOLERANCE_MM) -> bool:
+    """True when two images share shape (first three axes) and their affines place every voxel within ``tol_mm``
+    of each other (:data:`GRID_TOLERANCE_MM`)."""
+    return grid_mismatch(a, b, tol_mm=tol_mm) is None
 
 
 # The header fields that place a NIfTI grid in space: both the qform (quaternion) and the sform (matrix), with

@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bids_postop.core.images import load_3d
+from bids_postop.core.images import load_3d, same_grid
 from bids_postop.errors import InputDataError
 
 
@@ -49,7 +49,6 @@ def nonenhancing_volume_ml(path: str | Path) -> float:
     return volume_ml(data > 0, img.affine)
 
 
-def mask_matches_image(mask: nib.spatialimages.SpatialImage, image: nib.spatialimages.SpatialImage, *,
-                       atol_mm: float = 0.01) -> bool:
-    """True when a mask lies on its image's grid (same shape, affines equal within ``atol_mm``)."""
-    return mask.shape[:3] == image.shape[:3] and np.allclose(mask.affine, image.affine, atol=atol_mm)
+def mask_matches_image(mask: nib.spatialimages.SpatialImage, image: nib.spatialimages.SpatialImage) -> bool:
+    """True when a mask lies on its image's grid (:func:`bids_postop.core.images.same_grid`)."""
+    return same_grid(mask, image)

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import nibabel as nib
 import numpy as np
 
-from bids_postop.core.images import load_3d, voxel_sizes, write_like
+from bids_postop.core.images import grid_mismatch, load_3d, voxel_sizes, write_like
 from bids_postop.errors import InputDataError
 
 if TYPE_CHECKING:  # ANTsPy takes ~1.5 s to import: import it only where it is used
@@ -157,10 +157,10 @@ def nifti_to_ants(img: nib.spatialimages.SpatialImage) -> ants.ANTsImage:
 def _check_same_grid(
     mask: nib.spatialimages.SpatialImage, image: nib.spatialimages.SpatialImage, mask_path: Path, image_path: Path
 ) -> None:
-    if mask.shape[:3] != image.shape[:3] or not np.allclose(mask.affine, image.affine, atol=1e-3):
+    mismatch = grid_mismatch(mask, image)
+    if mismatch:
         raise InputDataError(
-            f"the mask is not on the grid of {image_path} (mask shape {mask.shape[:3]} vs "
-            f"{image.shape[:3]}, or different affine): resample it onto that image first",
+            f"the mask is not on the grid of {image_path} ({mismatch}): resample it onto that image first",
             mask_path,
         )
 

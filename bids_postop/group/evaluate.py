@@ -14,8 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bids_postop.core.images import voxel_sizes
-from bids_postop.core.masks import mask_matches_image
+from bids_postop.core.images import grid_mismatch, voxel_sizes
 from bids_postop.core.postprocess import classify_resection, volume_ml
 from bids_postop.evaluation.classification import is_positive, patient_outcome
 from bids_postop.evaluation.interrater import score_patient
@@ -48,12 +47,12 @@ def _header(path: Path) -> nib.spatialimages.SpatialImage:
 
 def _grid_problem(img: nib.spatialimages.SpatialImage, path: Path, ref: nib.spatialimages.SpatialImage,
                   ref_path: Path) -> str | None:
-    if mask_matches_image(img, ref):
+    mismatch = grid_mismatch(img, ref)
+    if mismatch is None:
         return None
     return (f"{path.name} (shape {img.shape[:3]}, voxel sizes {np.round(voxel_sizes(img), 3).tolist()} mm) is not "
             f"on the grid of {ref_path.name} (shape {ref.shape[:3]}, voxel sizes "
-            f"{np.round(voxel_sizes(ref), 3).tolist()} mm, affines differ by up to "
-            f"{np.abs(img.affine - ref.affine).max() if img.shape[:3] == ref.shape[:3] else 'n/a'} mm); not "
+            f"{np.round(voxel_sizes(ref), 3).tolist()} mm; {mismatch}); not "
             f"resampled — resample the manual mask onto the post-op T1w-CE grid (nearest neighbour) first")
 
 

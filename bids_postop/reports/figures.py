@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 
-from bids_postop.core.images import load_3d, ras_voxel_sizes, to_ras
+from bids_postop.core.images import grid_mismatch, load_3d, ras_voxel_sizes, to_ras
 
 # colours: residual tumour red, probability yellow, brain mask blue, pre-op tumour orange, edges cyan
 RESIDUAL_COLOUR = "#ff2a2a"
@@ -44,7 +44,6 @@ EDGE_COLOUR = "#00e5ff"
 AXIS_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
 DPI = 90
 REGISTRATION_DPI = 80
-GRID_ATOL_MM = 1e-3
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -107,13 +106,12 @@ def _load_on_one_grid(caller: str, paths: Mapping[str, str | Path | None]) -> di
     sources = {name: _file_key(p) if _SHARED is not None else None for name, p in paths.items() if p is not None}
     ref_name, ref = next(iter(imgs.items()))
     for name, img in imgs.items():
-        if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=GRID_ATOL_MM):
-            diff = (float(np.abs(img.affine - ref.affine).max()) if img.shape[:3] == ref.shape[:3] else None)
+        mismatch = grid_mismatch(img, ref)
+        if mismatch:
             raise ValueError(
                 f"{caller}: images not on the same grid: {ref_name}={paths[ref_name]} has shape "
-                f"{ref.shape[:3]}, {name}={paths[name]} has shape {img.shape[:3]}"
-                + (f" and an affine differing by up to {diff:.4g}" if diff is not None else "")
-                + f"; resample {name} onto the {ref_name} grid first")
+                f"{ref.shape[:3]}, {name}={paths[name]} has shape {img.shape[:3]} ({mismatch}); resample {name} "
+                f"onto the {ref_name} grid first")
     factors = display_factors(ref.shape[:3])
     affine, shape = ref.affine, tuple(int(n) for n in ref.shape[:3])
     if factors != (1, 1, 1):  # very large grids: block-reduce for display (figures are a few hundred px wide)

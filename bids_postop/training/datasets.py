@@ -88,7 +88,7 @@ def load_label(mask: Path, reference: Path) -> np.ndarray:
     """Manual mask as a bool array on ``reference``'s grid (its voxel order); empty is allowed (GTR)."""
     img = load_3d(mask, what="manual residual mask")
     ref = load_3d(reference, what="post-operative T1w-CE")
-    if not same_grid(img, ref, atol=0.01):
+    if not same_grid(img, ref):
         raise InputDataError(f"the manual mask (shape {img.shape}) is not on the post-op T1w-CE grid of "
                              f"{reference.name} (shape {ref.shape}); manual masks must share its shape and affine",
                              mask)
@@ -191,7 +191,7 @@ def write_raw_dataset(raw_dir: Path, config: str, cases: Sequence[PreparedCase],
         reference = load_3d(case.channels["postop_t1ce"], what="prepared post-op T1w-CE")
         for c, role in enumerate(roles):
             img = load_3d(case.channels[role], what=f"prepared {role}")
-            if not same_grid(img, reference, atol=0.01):
+            if not same_grid(img, reference):
                 raise InputDataError(f"prepared {role} is not on the post-op T1w-CE grid", case.channels[role])
             dtype = np.uint8 if role == "preop_mask" else np.float32
             data = np.asanyarray(img.dataobj)
