@@ -267,3 +267,21 @@ def test_mirror_disagreement_is_one_minus_soft_agreement_over_the_passes_region(
     assert mirror_disagreement([np.full(SHAPE, 0.2, np.float32)] * 2) == 0.0  # nothing reaches 0.5: no region
     with pytest.raises(ValueError, match="at least 2"):
         mirror_disagreement(passes[:1])
+
+
+def test_a_malformed_review_section_fails_when_the_model_is_resolved(tmp_path):
+    """Before any participant runs (exit 64 at the CLI), not in each participant's segmentation step."""
+    import shutil
+
+    from bids_postop.errors import ModelError
+    from bids_postop.segmentation.models import resolve, resolve_models
+
+    [card] = [c for c in resolve_models("demo") if c.configuration == "B"]
+    folder = tmp_path / "B"
+    shutil.copytree(card.folder, folder)
+    raw = json.loads((folder / "bids_postop_model.json").read_text())
+    assert [m.card.name for m in resolve(folder)] == [raw["name"]]
+    raw["uncertainty"] = {"score_threshold": 0.1, "members": {"fold_0": {"threshold": "high"}}}
+    (folder / "bids_postop_model.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match=r"bids_postop_model.json.*uncertainty.members.fold_0.threshold"):
+        resolve(folder)

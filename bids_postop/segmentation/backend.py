@@ -10,9 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_postop.core.uncertainty import CARD_SECTION, MemberKind, check_score_threshold
+from bids_postop.core.uncertainty import MemberKind
 from bids_postop.errors import ModelError
-from bids_postop.segmentation.models import CARD_NAME, ModelCard
+from bids_postop.segmentation.models import (  # noqa: F401  (the review settings: re-exported)
+    CARD_NAME,
+    ModelCard,
+    ReviewSettings,
+    review_settings,
+    score_threshold,
+)
 
 ARCHITECTURES = ("nnunet", "raidionics")
 
@@ -109,51 +115,3 @@ def predict_probability(card: ModelCard, channel_files: Sequence[str | Path], *,
     return predict(card, channel_files, brain_mask=brain_mask, device=device, threads=threads,
                    use_mirroring=use_mirroring, trust_checkpoint=trust_checkpoint, first_fold_only=first_fold_only,
                    precision=precision, nnunet_engine=nnunet_engine, keep_members=False, report=report).probability
-
-
-@dataclass(frozen=True)
-class ReviewSettings:
-    """What the model card says about its members (``"uncertainty"`` section, written by ``bids_postop-train``):
-    the mirror-score threshold, each fold member's own probability threshold, and which members vote."""
-
-    score_threshold: float | None = None
-    member_thresholds: dict[str, float] | None = None  # member name (fold_k) -> threshold
-    votes: dict[str, bool] | None = None  # member name -> counts in the GTR/RT agreement and volume interval
-
-    def for_members(self, names: Sequence[str]) -> tuple[list[float] | None, list[bool] | None]:
-        """Thresholds and votes in the members' order; ``None`` unless the card names every member."""
-        thresholds = [self.member_thresholds[n] for n in names] \
-            if self.member_thresholds and all(n in self.member_thresholds for n in names) else None
-        votes = [self.votes[n] for n in names] if self.votes and all(n in self.votes for n in names) else None
-        if votes is not None and not any(votes):
-            votes = None  # every member out would leave no rule: fall back to all (the card cannot mean that)
-        return thresholds, votes
-
-
-def review_settings(card: ModelCard) -> ReviewSettings:
-    """The card's ``uncertainty`` section (:class:`ReviewSettings`); a malformed section raises ``ModelError``."""
-    section = card.raw.get(CARD_SECTION) or {}
-    where = card.folder / CARD_NAME
-    if not isinstance(section, dict):
-        raise ModelError(f"{where}: {CARD_SECTION!r} must be an object, got {section!r}")
-    try:
-        limit = check_score_threshold(section.get("score_threshold"), where=f"{CARD_SECTION}.score_threshold")
-    except ValueError as exc:
-        raise ModelError(f"{where}: {exc}") from None
-    members = section.get("members") or {}
-    if not isinstance(members, dict):
-        raise ModelError(f"{where}: {CARD_SECTION}.members must be an object (member name -> settings)")
-    thresholds, votes = {}, {}
-    for name, entry in members.items():
-        threshold = entry.get("threshold") if isinstance(entry, dict) else None
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
-            raise ModelError(f"{where}: {CARD_SECTION}.members.{name}.threshold must be a probability between 0 "
-                             f"and 1; got {threshold!r}")
-        thresholds[str(name)] = float(threshold)
-        votes[str(name)] = bool(entry.get("votes", True))
-    return ReviewSettings(limit, thresholds or None, votes or None)
-
-
-def score_threshold(card: ModelCard) -> float | None:
-    """The model card's ``uncertainty.score_threshold`` (chosen on validation folds), or ``None`` when absent."""
-    return review_settings(card).score_threshold

@@ -13,12 +13,13 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bids_postop.configurations import CONFIGURATIONS, ConfigName, Role
+from bids_postop.core.uncertainty import CARD_SECTION, check_score_threshold
 from bids_postop.errors import ModelError
 
 CARD_NAME = "bids_postop_model.json"
@@ -230,10 +231,60 @@ class ResolvedModel:
                 "inputs": list(self.inputs), "derivatives_desc": self.label}
 
 
+@dataclass(frozen=True)
+class ReviewSettings:
+    """What the model card says about its members (``"uncertainty"`` section, written by ``bids_postop-train``):
+    the mirror-score threshold, each fold member's own probability threshold, and which members vote."""
+
+    score_threshold: float | None = None
+    member_thresholds: dict[str, float] | None = None  # member name (fold_k) -> threshold
+    votes: dict[str, bool] | None = None  # member name -> counts in the GTR/RT agreement and volume interval
+
+    def for_members(self, names: Sequence[str]) -> tuple[list[float] | None, list[bool] | None]:
+        """Thresholds and votes in the members' order; ``None`` unless the card names every member."""
+        thresholds = [self.member_thresholds[n] for n in names] \
+            if self.member_thresholds and all(n in self.member_thresholds for n in names) else None
+        votes = [self.votes[n] for n in names] if self.votes and all(n in self.votes for n in names) else None
+        if votes is not None and not any(votes):
+            votes = None  # every member out would leave no rule: fall back to all (the card cannot mean that)
+        return thresholds, votes
+
+
+def review_settings(card: ModelCard) -> ReviewSettings:
+    """The card's ``uncertainty`` section (:class:`ReviewSettings`); a malformed section raises ``ModelError``."""
+    section = card.raw.get(CARD_SECTION) or {}
+    where = card.folder / CARD_NAME
+    if not isinstance(section, dict):
+        raise ModelError(f"{where}: {CARD_SECTION!r} must be an object, got {section!r}")
+    try:
+        limit = check_score_threshold(section.get("score_threshold"), where=f"{CARD_SECTION}.score_threshold")
+    except ValueError as exc:
+        raise ModelError(f"{where}: {exc}") from None
+    members = section.get("members") or {}
+    if not isinstance(members, dict):
+        raise ModelError(f"{where}: {CARD_SECTION}.members must be an object (member name -> settings)")
+    thresholds, votes = {}, {}
+    for name, entry in members.items():
+        threshold = entry.get("threshold") if isinstance(entry, dict) else None
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
+            raise ModelError(f"{where}: {CARD_SECTION}.members.{name}.threshold must be a probability between 0 "
+                             f"and 1; got {threshold!r}")
+        thresholds[str(name)] = float(threshold)
+        votes[str(name)] = bool(entry.get("votes", True))
+    return ReviewSettings(limit, thresholds or None, votes or None)
+
+
+def score_threshold(card: ModelCard) -> float | None:
+    """The model card's ``uncertainty.score_threshold`` (chosen on validation folds), or ``None`` when absent."""
+    return review_settings(card).score_threshold
+
+
 def resolve(spec: str | Path) -> list[ResolvedModel]:
-    """The models named by ``--model`` (:func:`resolve_models`), each with its digest and reader convention."""
+    """The models named by ``--model`` (:func:`resolve_models`), each with its digest and reader convention; a
+    malformed ``uncertainty`` section fails here, before any participant runs."""
     out = []
     for card in resolve_models(spec):
+        review_settings(card)
         inputs = tuple(f"{role} ({'registered' if role.endswith('_mask') else card.input_images})"
                        for role in card.channels) + \
             (("brain_mask",) if card.architecture == "raidionics" else ())
