@@ -109,3 +109,19 @@ def test_no_score_threshold_without_mirror_scores():
     assert section["score_threshold"] is None
     assert "without a mirror score" in section["score_threshold_selection"]["how"]
     assert set(section["members"]) == {"fold_0", "fold_1"}
+
+
+def test_when_no_fold_votes_every_participant_chooses_the_score_threshold():
+    """Every fold dead on its validation participants: at inference every fold then counts (a card cannot leave
+    none), so the score threshold is chosen on all of them, not reported as missing."""
+    cases = []
+    for fold in (0, 1):
+        for k in range(3):
+            truth = 400 if k < 2 else 0
+            cases.append(_case(f"sub-{fold}{k}", fold, truth, np.zeros((16, 16, 16), np.float32),
+                               [0.3 + 0.1 * k if truth else 0.0]))
+    section = uncertainty_section(cases, threshold=0.5)
+    assert not any(m["votes"] for m in section["members"].values())
+    chosen = section["score_threshold_selection"]
+    assert chosen["n"] == 6 and chosen["n_bad"] == 4 and "left_out" not in chosen
+    assert len(chosen["validation"]) == 6 and section["score_threshold"] is not None

@@ -115,6 +115,8 @@ def uncertainty_section(cases: Sequence[ValidationCase], *, threshold: float, ru
     members = member_settings(cases, rule=rule, **kw)
     # at inference a non-voting fold's score is left out of the mean: its validation participants are left out here
     voting = [c for c in cases if members.get(f"fold_{c.fold}", {}).get("votes", True)]
+    if not voting:  # no fold votes: inference then counts every fold (ReviewSettings.for_members), so does this
+        voting = list(cases)
     scores = [c.segmentation.get("mirror_scores") for c in voting]
     if not voting or any(not s for s in scores):
         selection: dict[str, Any] = {
