@@ -182,8 +182,7 @@ def test_score_threshold_from_the_model_card(tmp_path, section, expected):
     import dataclasses
 
     from bids_postop.errors import ModelError
-    from bids_postop.segmentation.backend import score_threshold
-    from bids_postop.segmentation.models import resolve_models
+    from bids_postop.segmentation.models import resolve_models, score_threshold
 
     [card] = [c for c in resolve_models("demo") if c.configuration == "B"]
     raw = dict(card.raw)

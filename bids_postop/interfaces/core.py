@@ -177,8 +177,8 @@ class Segment(SimpleInterface):
 
         from bids_postop.core.images import write_like
         from bids_postop.core.uncertainty import assess_members
-        from bids_postop.segmentation.backend import predict, review_settings
-        from bids_postop.segmentation.models import resolve_models
+        from bids_postop.segmentation.backend import predict
+        from bids_postop.segmentation.models import resolve_models, review_settings
 
         _set_threads(self.inputs.threads)
         [card] = resolve_models(self.inputs.model_folder)

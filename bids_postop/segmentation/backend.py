@@ -12,13 +12,7 @@ import numpy as np
 
 from bids_postop.core.uncertainty import MemberKind
 from bids_postop.errors import ModelError
-from bids_postop.segmentation.models import (  # noqa: F401  (the review settings: re-exported)
-    CARD_NAME,
-    ModelCard,
-    ReviewSettings,
-    review_settings,
-    score_threshold,
-)
+from bids_postop.segmentation.models import ModelCard
 
 ARCHITECTURES = ("nnunet", "raidionics")
 

@@ -40,6 +40,7 @@ from bids_postop.bids.inputs import bids_dataset_name
 from bids_postop.configurations import CONFIGURATIONS
 from bids_postop.errors import BidsPostopError, UsageError
 from bids_postop.training.datasets import trained_on
+from bids_postop.training.review import SECTION_VERSION
 
 LOG = logging.getLogger("bids_postop.training")
 STUDY_MAX_EPOCHS = 1000  # an upper bound: the study's AGU-Net stops early (30 epochs without improvement)
@@ -160,12 +161,6 @@ def _validation_cases(model_dir: Path, config: str, plan, cases, folds: Sequence
     return out
 
 
-def _review_version() -> int:
-    from bids_postop.training.review import SECTION_VERSION
-
-    return SECTION_VERSION
-
-
 def _up_to_date(model_dir: Path, data_hash: str, jobs: dict, rule: str) -> bool:
     try:
         card = json.loads((model_dir / "bids_postop_model.json").read_text())
@@ -174,7 +169,7 @@ def _up_to_date(model_dir: Path, data_hash: str, jobs: dict, rule: str) -> bool:
     training = card.get("training", {})
     return (training.get("data_hash") == data_hash and training.get("jobs") == jobs
             and card.get("threshold_selection", {}).get("rule") == rule
-            and (card.get("uncertainty") or {}).get("version") == _review_version()
+            and (card.get("uncertainty") or {}).get("version") == SECTION_VERSION
             and all((model_dir / f"fold_{k}" / "model.onnx").is_file() for k in jobs))
 
 

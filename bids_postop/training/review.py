@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from bids_postop.core.postprocess import GTR_CUTOFF_ML, MIN_COMPONENT_VOXELS
-from bids_postop.evaluation.review import BAD_DICE, auroc
+from bids_postop.evaluation.review import auroc, is_bad
 from bids_postop.training.threshold import DEFAULT_RULE, ValidationCase, case_at, choose_threshold
 
 LOG = logging.getLogger("bids_postop.training")
@@ -81,8 +81,8 @@ def is_bad_case(case: ValidationCase, threshold: float, *, min_component_voxels:
     """Wrong GTR/RT call, or Dice < 0.5 on a reference-positive participant, at ``threshold``."""
     at = case_at(case, threshold, min_component_voxels=min_component_voxels, cutoff_ml=cutoff_ml,
                  gtr_inclusive=gtr_inclusive)
-    wrong = at["positive"] != at["predicted_positive"]
-    return bool(wrong or (at["positive"] and (at["dice"] is None or at["dice"] < BAD_DICE)))
+    return is_bad({"predicted_status": at["predicted_positive"], "true_status": at["positive"],
+                   "in_P": at["positive"], "dice": at["dice"]})  # the group level's review table's definition
 
 
 def member_settings(cases: Sequence[ValidationCase], *, rule: str = DEFAULT_RULE,
@@ -114,9 +114,10 @@ def uncertainty_section(cases: Sequence[ValidationCase], *, threshold: float, ru
     kw = dict(min_component_voxels=min_component_voxels, cutoff_ml=cutoff_ml, gtr_inclusive=gtr_inclusive)
     members = member_settings(cases, rule=rule, **kw)
     # at inference a non-voting fold's score is left out of the mean: its validation participants are left out here
-    voting = [c for c in cases if members.get(f"fold_{c.fold}", {}).get("votes", True)]
-    if not voting:  # no fold votes: inference then counts every fold (ReviewSettings.for_members), so does this
-        voting = list(cases)
+    votes = [members.get(f"fold_{c.fold}", {}).get("votes", True) for c in cases]
+    if not any(votes):  # no fold votes: inference then counts every fold (ReviewSettings.for_members), so does this
+        votes = [True] * len(cases)
+    voting = [c for c, v in zip(cases, votes, strict=True) if v]
     scores = [c.segmentation.get("mirror_scores") for c in voting]
     if not voting or any(not s for s in scores):
         selection: dict[str, Any] = {
@@ -125,13 +126,12 @@ def uncertainty_section(cases: Sequence[ValidationCase], *, threshold: float, ru
                    "AGU-Net or Raidionics models): the score rule is not applied at inference"}
     else:
         per_case = [float(np.mean(s)) for s in scores]
-        selection = choose_score_threshold(per_case, [is_bad_case(c, threshold, **kw) for c in voting])
-        selection["validation"] = [{"participant_id": c.participant_id, "fold": c.fold, "mirror_score": s,
-                                    "bad": is_bad_case(c, threshold, **kw)} for c, s in zip(voting, per_case,
-                                                                                            strict=True)]
-        if len(voting) < len(cases):
-            kept = {id(c) for c in voting}
-            selection["left_out"] = sorted(c.participant_id for c in cases if id(c) not in kept)
+        bad = [is_bad_case(c, threshold, **kw) for c in voting]
+        selection = choose_score_threshold(per_case, bad)
+        selection["validation"] = [{"participant_id": c.participant_id, "fold": c.fold, "mirror_score": s, "bad": b}
+                                   for c, s, b in zip(voting, per_case, bad, strict=True)]
+        if not all(votes):
+            selection["left_out"] = sorted(c.participant_id for c, v in zip(cases, votes, strict=True) if not v)
     return {"version": SECTION_VERSION, "score": "mirror_score", "score_threshold": selection["score_threshold"],
             "score_threshold_selection": selection, "members": members}
 
