@@ -35,28 +35,17 @@ print(json.dumps({"seconds": round(took, 2), "max_rss_gib": round(resource.getru
 
 
 def two_fold_model(work: Path) -> Path:
-    import shutil
-
-    import torch
-
+    """The tests' 2-fold model (tests/two_fold_model.py), made once in ``work``."""
     from bids_postop.segmentation.models import resolve_models
 
     root = work / "B2"
     if (root / "bids_postop_model.json").is_file():
         return root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from two_fold_model import write_two_fold_model
+
     [card] = [c for c in resolve_models("demo") if c.configuration == "B"]
-    shutil.copytree(card.folder, root)
-    ckpt = torch.load(root / "nnunet" / "fold_0" / "checkpoint_final.pth", weights_only=True)
-    generator = torch.Generator().manual_seed(1)
-    ckpt["network_weights"] = {
-        k: v + 0.05 * (v.float().std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=generator)
-        if v.is_floating_point() else v for k, v in ckpt["network_weights"].items()}
-    (root / "nnunet" / "fold_1").mkdir()
-    torch.save(ckpt, root / "nnunet" / "fold_1" / "checkpoint_final.pth")
-    raw = json.loads((root / "bids_postop_model.json").read_text())
-    raw["nnunet"]["folds"] = [0, 1]
-    (root / "bids_postop_model.json").write_text(json.dumps(raw))
-    return root
+    return write_two_fold_model(card.folder, root)
 
 
 def case_on_grid(work: Path, grid: list[int]) -> list[Path]:

@@ -222,25 +222,10 @@ def test_onnxruntime_engine_exports_each_network_once(card_b, demo_files, caplog
 @pytest.fixture(scope="module")
 def two_fold_model(tmp_path_factory, card_b):
     """Demo model B with a second fold: fold 0's weights perturbed (5 % of each tensor's spread), so that the
-    ensemble differs from fold 0 alone."""
-    import json
-    import shutil
+    ensemble differs from fold 0 alone (tests/two_fold_model.py)."""
+    from two_fold_model import write_two_fold_model
 
-    import torch
-
-    root = tmp_path_factory.mktemp("two_fold") / "B"
-    shutil.copytree(card_b.folder, root)
-    ckpt = torch.load(root / "nnunet" / "fold_0" / "checkpoint_final.pth", weights_only=True)
-    generator = torch.Generator().manual_seed(1)
-    ckpt["network_weights"] = {
-        k: v + 0.05 * (v.float().std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=generator)
-        if v.is_floating_point() else v for k, v in ckpt["network_weights"].items()}
-    (root / "nnunet" / "fold_1").mkdir()
-    torch.save(ckpt, root / "nnunet" / "fold_1" / "checkpoint_final.pth")
-    card = json.loads((root / "bids_postop_model.json").read_text())
-    card["nnunet"]["folds"] = [0, 1]
-    (root / "bids_postop_model.json").write_text(json.dumps(card))
-    [two] = resolve_models(root)
+    [two] = resolve_models(write_two_fold_model(card_b.folder, tmp_path_factory.mktemp("two_fold") / "B"))
     return two
 
 
@@ -321,6 +306,21 @@ def _preprocessed(card, files, use_mirroring):
     return predictor, torch.from_numpy(data)
 
 
+def _passes_run_alone(predictor, data):
+    """One network's two left-right passes, each by nnU-Net's sliding window without mirroring: the volume's, and the
+    flipped volume's flipped back (the cached predictor's mirroring is put back)."""
+    import torch
+
+    predictor.use_mirroring = False
+    try:
+        with torch.inference_mode():
+            alone = predictor.predict_sliding_window_return_logits(data).float()
+            flipped = torch.flip(predictor.predict_sliding_window_return_logits(torch.flip(data, [3])), [3]).float()
+    finally:
+        predictor.use_mirroring = True
+    return alone, flipped
+
+
 @pytest.mark.slow
 def test_fold_members_leave_the_ensemble_unchanged(two_fold_model, demo_files):
     """Two folds: keeping each fold's logits does not change the ensemble (the same operations as nnU-Net's own
@@ -369,13 +369,7 @@ def test_mirrored_passes_are_the_members_of_a_single_fold(card_b, demo_files):
     assert torch.equal(ensemble.float(), stock)
     assert predictor.label_manager.num_segmentation_heads == 2  # the stand-in is gone
     mean = torch.stack([m.float() for m in members.logits]).mean(0)
-    predictor.use_mirroring = False  # the cached predictor: put back below
-    try:
-        with torch.inference_mode():
-            alone = predictor.predict_sliding_window_return_logits(data).float()
-            flipped = torch.flip(predictor.predict_sliding_window_return_logits(torch.flip(data, [3])), [3]).float()
-    finally:
-        predictor.use_mirroring = True
+    alone, flipped = _passes_run_alone(predictor, data)
     assert torch.equal(members.logits[0].float(), alone)
 
     def foreground(logits):  # the two-class softmax's foreground
@@ -409,13 +403,7 @@ def test_mirror_scores_are_each_networks_mirrored_pass_disagreement(card_b, two_
     predictor, data = _preprocessed(card_b, demo_files, True)
     _, scored = E.predict_logits_and_members(predictor, data, 1, "torch", mirror_scores=True)
     assert scored.kind == "none" and len(scored.mirror_scores) == 1
-    predictor.use_mirroring = False  # the cached predictor: put back below
-    try:
-        with torch.inference_mode():
-            alone = predictor.predict_sliding_window_return_logits(data).float()
-            flipped = torch.flip(predictor.predict_sliding_window_return_logits(torch.flip(data, [3])), [3]).float()
-    finally:
-        predictor.use_mirroring = True
+    alone, flipped = _passes_run_alone(predictor, data)
     by_hand = mirror_disagreement([torch.sigmoid(x[1] - x[0]).numpy() for x in (alone, flipped)])
     print(f"mirror score {scored.mirror_scores[0]:.5f}, by hand {by_hand:.5f}")
     assert 0.005 < by_hand < 0.9  # the passes differ, and agree mostly
